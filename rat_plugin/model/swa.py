@@ -1,0 +1,74 @@
+"""Sliding-window attention (window None: full causal attention, the baseline mixer)."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rat_plugin.model.cache import KVCache
+from rat_plugin.ops.chunk_scan import accumulation_dtype
+from rat_plugin.ops.rope import apply_rope, rope_angles
+from rat_plugin.ops.window_attention import window_attention
+
+
+class SlidingWindowAttention(nn.Module):
+    """Multi-head attention where a token sees itself and the ``window`` previous tokens.
+
+    Token-position RoPE, full-rank q/k/v, no output gate, no bias.
+    """
+
+    def __init__(self, dim: int, n_heads: int, window: int | None, rope_base: float):
+        super().__init__()
+        if window is not None and window < 1:
+            raise ValueError(f"window={window} must be >= 1 (or None for full attention)")
+        self.head_dim = dim // n_heads
+        self.window = window
+        self.rope_base = rope_base
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for linear in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(linear.weight, mean=0.0, std=std)
+
+    def forward(
+        self,
+        u: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq_len, _ = u.shape
+        q = self.wq(u).view(batch, seq_len, -1, self.head_dim)
+        k = self.wk(u).view(batch, seq_len, -1, self.head_dim)
+        v = self.wv(u).view(batch, seq_len, -1, self.head_dim)
+        if cache is not None and cache.filled:
+            token_pos = cache.pos[:, None]  # (B, 1)
+        elif positions is not None and cache is None:
+            token_pos = positions[0] if positions.dim() == 2 else positions
+        else:
+            token_pos = torch.arange(seq_len, device=u.device)
+        acc = accumulation_dtype(q.dtype)
+        cos, sin = rope_angles(token_pos, self.head_dim, self.rope_base, acc)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
+        q = apply_rope(q.to(acc), cos, sin).to(v.dtype)
+        k = apply_rope(k.to(acc), cos, sin).to(v.dtype)
+
+        if cache is not None and cache.filled:
+            if seq_len != 1:
+                raise ValueError(f"decode steps take one token per sequence, got {seq_len}")
+            visible = cache.update(k[:, 0], v[:, 0])  # (B, slots)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                cache.keys.to(q.dtype),
+                cache.values.to(q.dtype),
+                attn_mask=visible[:, None, None, :],
+            )
+        else:
+            if cache is not None:
+                cache.fill(k, v)
+            out = window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+    def new_cache(self, lengths: torch.Tensor) -> KVCache:
+        return KVCache(lengths, self.window, self.wv.weight.dtype)

@@ -1,0 +1,60 @@
+"""Independent reference implementations, written straight from DESIGN.md with plain loops."""
+
+import math
+
+import torch
+
+
+def rotate(x: torch.Tensor, position: int, base: float) -> torch.Tensor:
+    """Rotate-half RoPE of one vector (..., d) by an integer position, pair by pair."""
+    d = x.shape[-1]
+    half = d // 2
+    out = x.clone()
+    for i in range(half):
+        theta = position * base ** (-2.0 * i / d)
+        c, s = math.cos(theta), math.sin(theta)
+        out[..., i] = x[..., i] * c - x[..., i + half] * s
+        out[..., i + half] = x[..., i + half] * c + x[..., i] * s
+    return out
+
+
+def rat_mixing_loop(q, k, v, g, chunk_size, rope_base=10000.0):
+    """Per-token loop over DESIGN.md section 1 steps 3-5. All inputs (B, T, H, d)."""
+    _, seq_len, _, d = q.shape
+    outs = []
+    summaries_k, summaries_v = [], []  # rotated by their chunk index
+    k_run = v_run = None
+    for t in range(seq_len):
+        chunk, offset = divmod(t, chunk_size)
+        if offset == 0:
+            k_run = torch.zeros_like(k[:, t])
+            v_run = torch.zeros_like(v[:, t])
+        k_run = g[:, t] * k_run + (1 - g[:, t]) * k[:, t]
+        v_run = g[:, t] * v_run + (1 - g[:, t]) * v[:, t]
+        q_rot = rotate(q[:, t], chunk, rope_base)
+        keys = summaries_k + [rotate(k_run, chunk, rope_base)]
+        values = summaries_v + [v_run]
+        logits = torch.stack([(q_rot * key).sum(-1) for key in keys], dim=-1) / math.sqrt(d)
+        weights = torch.softmax(logits, dim=-1)  # (B, H, n)
+        outs.append(sum(weights[..., j, None] * values[j] for j in range(len(keys))))
+        if offset == chunk_size - 1:
+            summaries_k.append(rotate(k_run, chunk, rope_base))
+            summaries_v.append(v_run)
+    return torch.stack(outs, dim=1)
+
+
+def window_attention_loop(q, k, v, window, rope_base=10000.0):
+    """Causal softmax attention where token t sees tokens max(0, t - window)..t (window None: all).
+
+    q, k, v (B, T, H, d); RoPE by token position.
+    """
+    _, seq_len, _, d = q.shape
+    outs = []
+    keys = [rotate(k[:, s], s, rope_base) for s in range(seq_len)]
+    for t in range(seq_len):
+        first = 0 if window is None else max(0, t - window)
+        q_rot = rotate(q[:, t], t, rope_base)
+        logits = torch.stack([(q_rot * keys[s]).sum(-1) for s in range(first, t + 1)], -1)
+        weights = torch.softmax(logits / math.sqrt(d), dim=-1)
+        outs.append(sum(weights[..., j, None] * v[:, first + j] for j in range(t + 1 - first)))
+    return torch.stack(outs, dim=1)
