@@ -1,0 +1,362 @@
+"""Checkpoint conversion: torchtitan DCP step folder <-> standalone model folder.
+
+A standalone folder holds ``model.safetensors`` (the tied head stored once, as
+``tok_embeddings.weight``), ``config.json`` (model kind, every ``RATModelArgs`` field, dtype) and,
+when given, the tokenizer files. Reading a DCP checkpoint needs no process group and no
+torchtitan: only the model entries are loaded, optimizer and trainer states are skipped.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from rat_plugin.generate.loading import (
+    CONFIG_FILE,
+    DTYPES,
+    TIED_HEAD,
+    WEIGHTS_FILE,
+    ModelFolderError,
+    read_config,
+)
+from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModel, RATModelArgs, make_args
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MODEL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")
+# Top-level entries of a full torchtitan checkpoint besides the (flattened) model.
+TRAINER_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+
+
+class ConversionError(RuntimeError):
+    """A conversion problem with a one-line explanation of the fix."""
+
+
+@dataclass
+class ModelSpec:
+    """What the checkpoint holds and how we learnt it."""
+
+    kind: str
+    flavor: str | None
+    args: RATModelArgs
+    source: str  # "config <path>", "command line" or "checkpoint shapes"
+
+
+def _listing(keys, limit: int = 12) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+# ----------------------------------------------------------------------------- DCP reading
+
+
+def read_dcp_shapes(step_dir: str | os.PathLike) -> dict[str, TensorStorageMetadata]:
+    """The model entries of a DCP checkpoint (name -> metadata), checking the other entries."""
+    path = Path(step_dir)
+    if not path.is_dir():
+        raise ConversionError(
+            f"checkpoint folder {path} does not exist: pass a step folder such as "
+            "{dump_folder}/{checkpoint.folder}/step-N"
+        )
+    if not (path / ".metadata").is_file():
+        steps = sorted(path.glob("step-*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+        hint = f": did you mean {steps[-1]}?" if steps else " (no .metadata file)"
+        raise ConversionError(f"{path} is not a DCP checkpoint step folder{hint}")
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as err:  # unpickling errors come in many types
+        raise ConversionError(
+            f"cannot read {path / '.metadata'} ({type(err).__name__}: {err}): "
+            "the checkpoint is corrupt or was not fully written"
+        ) from None
+    entries = metadata.state_dict_metadata
+    model = {k: v for k, v in entries.items() if k.startswith(MODEL_PREFIXES)}
+    unknown = [
+        k for k in entries if k not in model and k.split(".", 1)[0] not in TRAINER_STATES
+    ]
+    if unknown:
+        raise ConversionError(
+            f"{path} has entries that are neither RAT model weights nor torchtitan trainer "
+            f"states: {_listing(unknown)}; is this a checkpoint of another model?"
+        )
+    if not model:
+        raise ConversionError(f"{path} holds no model weights (keys: {_listing(entries)})")
+    bad = [k for k, v in model.items() if not isinstance(v, TensorStorageMetadata)]
+    if bad:
+        raise ConversionError(f"{path}: model entries that are not tensors: {_listing(bad)}")
+    return model
+
+
+def expected_shapes(args: RATModelArgs) -> dict[str, torch.Size]:
+    """Parameter name -> shape of the model ``args`` describe (built on the meta device)."""
+    with torch.device("meta"):
+        model = RATModel(args)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_shapes(args: RATModelArgs, shapes: dict[str, torch.Size], where: str) -> None:
+    """Raise a ConversionError listing missing, unknown and mis-shaped weights."""
+    expected = expected_shapes(args)
+    missing = [k for k in expected if k not in shapes and k != TIED_HEAD]
+    unknown = [k for k in shapes if k not in expected]
+    wrong = [
+        f"{k} {tuple(shapes[k])} != {tuple(v)}"
+        for k, v in expected.items()
+        if k in shapes and tuple(shapes[k]) != tuple(v)
+    ]
+    problems = []
+    if unknown:
+        problems.append(f"unknown keys: {_listing(unknown)}")
+    if missing:
+        problems.append(f"missing keys: {_listing(missing)}")
+    if wrong:
+        problems.append(f"shape mismatches (checkpoint != model): {_listing(wrong, 6)}")
+    if problems:
+        raise ConversionError(
+            f"{where} does not match the model {args}: " + "; ".join(problems)
+            + ". Check --config / --model-name / --flavor"
+        )
+
+
+def load_dcp_model(step_dir: str | os.PathLike, names: dict[str, TensorStorageMetadata]) -> dict:
+    """Read just the model tensors ``names`` from a DCP checkpoint, in their stored dtype."""
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in names.items()}
+    try:
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(
+            f"reading the weights of {step_dir} failed ({first}): the checkpoint is corrupt or "
+            "incomplete"
+        ) from None
+    return state
+
+
+# ----------------------------------------------------------------------------- model spec
+
+
+def spec_from_config(
+    toml_path: str | os.PathLike | None,
+    model_name: str | None = None,
+    flavor: str | None = None,
+    seq_len: int | None = None,
+) -> ModelSpec | None:
+    """Model kind and flavor from a training TOML (read with tomli), CLI values winning."""
+    values: dict = {}
+    source = "command line"
+    if toml_path is not None:
+        import tomli
+
+        try:
+            with open(toml_path, "rb") as f:
+                values = tomli.load(f)
+        except FileNotFoundError:
+            raise ConversionError(f"training config {toml_path} does not exist") from None
+        except tomli.TOMLDecodeError as err:
+            raise ConversionError(f"training config {toml_path} is not valid TOML: {err}") from None
+        source = f"config {toml_path}" + (" + command line" if model_name or flavor or seq_len else "")
+    model_name = model_name or values.get("model", {}).get("name")
+    flavor = flavor or values.get("model", {}).get("flavor")
+    seq_len = seq_len or values.get("training", {}).get("seq_len")
+    if model_name is None and flavor is None:
+        return None
+    if model_name is None or flavor is None:
+        raise ConversionError(
+            f"got model name {model_name!r} and flavor {flavor!r}: give both "
+            "(--model-name and --flavor, or a --config naming them)"
+        )
+    if model_name not in MODEL_KINDS:
+        raise ConversionError(
+            f"model {model_name!r} is not a RAT model kind: choose one of {sorted(MODEL_KINDS)}"
+        )
+    if flavor not in FLAVORS:
+        raise ConversionError(f"unknown flavor {flavor!r}: choose one of {list(FLAVORS)}")
+    overrides = {"max_seq_len": int(seq_len)} if seq_len else {}
+    return ModelSpec(model_name, flavor, make_args(model_name, flavor, **overrides), source)
+
+
+def tokenizer_from_config(toml_path: str | os.PathLike) -> str | None:
+    """The ``[model] hf_assets_path`` of a training TOML when it holds a tokenizer.json."""
+    import tomli
+
+    with open(toml_path, "rb") as f:
+        folder = tomli.load(f).get("model", {}).get("hf_assets_path")
+    return folder if folder and (Path(folder) / "tokenizer.json").is_file() else None
+
+
+def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
+    """Infer kind and flavor from weight shapes; raise unless exactly one (kind, flavor) fits.
+
+    Chunk size, window and RoPE base leave no trace in the shapes: they are the flavor's.
+    """
+    fits = []
+    for kind in MODEL_KINDS:
+        for flavor in FLAVORS:
+            args = make_args(kind, flavor)
+            expected = expected_shapes(args)
+            if all(
+                k in expected and tuple(v) == tuple(expected[k]) for k, v in shapes.items()
+            ) and all(k in shapes for k in expected if k != TIED_HEAD):
+                fits.append((kind, flavor, args))
+    if len(fits) != 1:
+        found = ", ".join(f"{k}/{f}" for k, f, _ in fits) or "none"
+        raise ConversionError(
+            f"cannot tell the model from the checkpoint shapes (matching kind/flavor: {found}): "
+            "pass --config TRAIN.toml or --model-name and --flavor"
+        )
+    kind, flavor, args = fits[0]
+    return ModelSpec(kind, flavor, args, "checkpoint shapes")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _set_default_modes(folder: Path) -> None:
+    """mkdtemp and some writers create owner-only entries: give them the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
+    """Yield a fresh temp folder next to ``out_dir``; on success it becomes ``out_dir``.
+
+    On any failure the temp folder is removed and ``out_dir`` is left as it was. With ``force``
+    an existing ``out_dir`` is swapped out only after the new one is complete.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        _set_default_modes(tmp)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_config(folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype):
+    config = {
+        "model_kind": kind,
+        "flavor": flavor,
+        "dtype": dtype_name(dtype),
+        "args": dataclasses.asdict(args),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def copy_tokenizer(tokenizer_dir: str | os.PathLike, folder: Path) -> list[str]:
+    src = Path(tokenizer_dir)
+    if not (src / "tokenizer.json").is_file():
+        raise ConversionError(
+            f"{src} has no tokenizer.json: pass the folder of [model] hf_assets_path"
+        )
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def dcp_to_standalone(
+    step_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    spec: ModelSpec | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    log=print,
+) -> ModelSpec:
+    """Export a torchtitan DCP step folder to ``out_dir`` (atomically). Returns what was learnt."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    names = read_dcp_shapes(step_dir)
+    shapes = {k: m.size for k, m in names.items()}
+    spec = spec or spec_from_shapes(shapes)
+    log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source})")
+    check_shapes(spec.args, shapes, str(step_dir))
+    state = load_dcp_model(step_dir, names)
+    head = state.pop(TIED_HEAD, None)
+    if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
+        raise ConversionError(
+            f"{step_dir}: output.weight differs from tok_embeddings.weight, but RAT models tie them"
+        )
+    dtype = dtype or state["tok_embeddings.weight"].dtype
+    state = {k: v.to(dtype).contiguous() for k, v in state.items()}
+    with atomic_dir(out, force) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        write_config(tmp, spec.kind, spec.flavor, spec.args, dtype)
+        if tokenizer_dir is not None:
+            log(f"tokenizer: copied {', '.join(copy_tokenizer(tokenizer_dir, tmp))}")
+    nparams = sum(v.numel() for v in state.values())
+    log(f"wrote {out} ({nparams:,} parameters, {dtype_name(dtype)})")
+    return spec
+
+
+def standalone_to_dcp(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    log=print,
+) -> None:
+    """Write a model-only DCP checkpoint (flat FQNs, fp32 unless ``dtype``) from a standalone folder.
+
+    Point torchtitan's ``checkpoint.initial_load_path`` at ``out_dir`` with
+    ``checkpoint.initial_load_model_only = true`` to seed training from it.
+    """
+    from safetensors.torch import load_file
+
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    try:
+        config, args = read_config(model_dir)
+    except ModelFolderError as err:
+        raise ConversionError(str(err)) from None
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ConversionError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
+    state = load_file(str(weights))
+    check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
+    dtype = dtype or torch.float32
+    state = {k: v.to(dtype) for k, v in state.items()}
+    state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names
+    with atomic_dir(out, force) as tmp:
+        dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+    log(f"wrote DCP checkpoint {out} (kind={config.get('model_kind')}, {dtype_name(dtype)})")

@@ -1,0 +1,154 @@
+"""Batched generation: one prefill forward, then one cached decode step per new token."""
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rat_plugin.generate.sampling import check_sampling, sample
+from rat_plugin.model import RATModel
+
+
+@dataclass
+class GenerationStats:
+    batch: int
+    prompt_tokens: int  # summed over the batch
+    new_tokens: int  # summed over the batch, stop tokens included
+    prefill_s: float
+    decode_s: float
+    cache_bytes_per_sequence: int  # all layers, at the longest sequence's last position
+
+    @property
+    def tokens_per_s(self) -> float:
+        """New tokens per second, prefill included."""
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """New tokens per second of the decode steps alone (the first token is the prefill's)."""
+        return max(self.new_tokens - self.batch, 0) / max(self.decode_s, 1e-9)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt, ending with the stop token if one came
+    stats: GenerationStats
+    logits: list[torch.Tensor] | None = None  # per prompt (new tokens, vocab) fp32, on request
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, torch.Tensor) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token id lists")
+    checked = []
+    for i, prompt in enumerate(prompts):
+        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}"
+                ": is the tokenizer the model's?"
+            )
+        checked.append([int(t) for t in ids])
+    return checked
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: RATModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_tokens: Iterable[int] = (),
+    return_logits: bool = False,
+    on_token: Callable[[int, list[int], list[bool]], None] | None = None,
+) -> GenerationResult:
+    """Continue every prompt (a list of token ids; lengths may differ) by up to
+    ``max_new_tokens`` tokens, not capped at the training length.
+
+    temperature 0 is greedy; otherwise sample with optional top-k / top-p, reproducibly when
+    ``seed`` is given. A sequence stops after emitting one of ``stop_tokens``. ``on_token(step,
+    tokens, active)`` is called after each step with every sequence's new token and whether that
+    sequence was still generating (for streaming).
+    """
+    prompts = check_prompts(prompts, model.args.vocab_size)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    check_sampling(temperature, top_k, top_p)
+    device = model.tok_embeddings.weight.device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+
+    batch = len(prompts)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
+    for i, prompt in enumerate(prompts):
+        padded[i, : len(prompt)] = torch.tensor(prompt, device=device)
+    rows = torch.arange(batch, device=device)
+
+    _sync(device)
+    start = time.perf_counter()
+    caches = model.new_caches(lengths)
+    logits = model(padded, caches=caches)[rows, lengths - 1].float()
+    _sync(device)
+    prefill_s = time.perf_counter() - start
+
+    tokens, step_logits = [], []
+    active = torch.ones(batch, dtype=torch.bool, device=device)
+    new_tokens = 0
+    start = time.perf_counter()
+    for step in range(max_new_tokens):
+        if step:
+            logits = model(next_token[:, None], caches=caches)[:, 0].float()
+        next_token = sample(logits, temperature, top_k, top_p, generator)
+        tokens.append(next_token)
+        if return_logits:
+            step_logits.append(logits)
+        was_active = active.tolist()
+        new_tokens += sum(was_active)
+        if on_token is not None:
+            on_token(step, next_token.tolist(), was_active)
+        active = active & ~torch.isin(next_token, stop)
+        if not active.any():
+            break
+    _sync(device)
+    decode_s = time.perf_counter() - start
+
+    out = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in prompts]
+    result_tokens = [_cut(seq, set(stop.tolist())) for seq in out]
+    result_logits = None
+    if return_logits:
+        stacked = torch.stack(step_logits, dim=1) if step_logits else None
+        result_logits = [
+            stacked[i, : len(seq)] if stacked is not None else torch.empty(0)
+            for i, seq in enumerate(result_tokens)
+        ]
+    stats = GenerationStats(
+        batch=batch,
+        prompt_tokens=int(lengths.sum()),
+        new_tokens=new_tokens,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        cache_bytes_per_sequence=sum(cache.nbytes_per_sequence() for cache in caches),
+    )
+    return GenerationResult(result_tokens, stats, result_logits)
+
+
+def _cut(seq: list[int], stop: set[int]) -> list[int]:
+    """``seq`` up to and including its first stop token."""
+    for i, token in enumerate(seq):
+        if token in stop:
+            return seq[: i + 1]
+    return seq

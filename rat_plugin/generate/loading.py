@@ -1,0 +1,114 @@
+"""Load a standalone model folder (config.json + model.safetensors [+ tokenizer.json])."""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from rat_plugin.model import RATModel, RATModelArgs
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+TIED_HEAD = "output.weight"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ModelFolderError(ValueError):
+    """A model folder problem, with a one-line explanation of the fix."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelFolderError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
+    """(config.json contents, RATModelArgs) of a model folder."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise ModelFolderError(
+            f"model folder {folder} does not exist: create it with tools/convert_checkpoint.py"
+        )
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise ModelFolderError(f"{folder} has no {CONFIG_FILE}: is it a converted model folder?")
+    try:
+        config = json.loads(path.read_text())
+        args = RATModelArgs(**config["args"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
+    return config, args
+
+
+def load(
+    model_dir: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+) -> RATModel:
+    """The model of a converted folder, in eval mode, on ``device``.
+
+    ``dtype`` (torch dtype or "fp32" / "bf16" / "fp16") defaults to the stored one. The
+    safetensors file is memory-mapped; the model is built on the meta device and takes the
+    loaded tensors as its parameters, so no random init is spent.
+    """
+    from safetensors.torch import load_file
+
+    config, args = read_config(model_dir)
+    weights = Path(model_dir) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelFolderError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
+    device = torch.device(device)
+    dtype = resolve_dtype(dtype) or resolve_dtype(config.get("dtype", "fp32"))
+    try:
+        state = load_file(str(weights), device=str(device))
+    except Exception as err:
+        raise ModelFolderError(f"cannot read {weights} ({err}): convert the checkpoint again") from None
+    with torch.device("meta"):
+        model = RATModel(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected if k not in state and k != TIED_HEAD)
+    unknown = sorted(k for k in state if k not in expected)
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k])
+    if missing or unknown or wrong:
+        raise ModelFolderError(
+            f"{weights} does not fit {CONFIG_FILE} (missing {missing[:5]}, unknown {unknown[:5]}, "
+            f"mis-shaped {wrong[:5]}): convert the checkpoint again"
+        )
+    state = {k: v.to(dtype) for k, v in state.items() if k != TIED_HEAD}
+    model.load_state_dict(state, strict=False, assign=True)
+    model.output.weight = model.tok_embeddings.weight
+    model.requires_grad_(False)
+    model.config = config
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The HF ``tokenizers.Tokenizer`` copied into the folder by the converter."""
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{model_dir} has no {TOKENIZER_FILE}: convert with --tokenizer DIR, or pass token ids "
+            "(--prompt-ids) instead of text"
+        )
+    return Tokenizer.from_file(str(path))
+
+
+def special_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int | None, int | None]:
+    """(bos id, eos id) named by tokenizer_config.json, None where absent."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+
+    def token_id(name: str) -> int | None:
+        token = config.get(name)
+        if isinstance(token, dict):
+            token = token.get("content")
+        return tokenizer.token_to_id(token) if isinstance(token, str) else None
+
+    return token_id("bos_token"), token_id("eos_token")
