@@ -1,0 +1,1 @@
+"""Local debug corpus/tokenizer generation (``prepare``) and torchtitan dataset registration."""

@@ -1,0 +1,183 @@
+"""Register the RAT family with torchtitan 0.2.2 (import this module via
+``[experimental] custom_import = "rat_plugin.train_spec"``).
+
+TrainSpecs: ``rat`` (all RAT), ``rat_swa`` (RAT / sliding-window attention interleaved) and the
+same-backbone attention baselines ``rat_attn`` (full causal attention) and ``rat_attn_swa``
+(attention / SWA interleaved), each with flavors debugmodel, 1.3B, 7B, 13B. Importing also
+registers the local datasets, a "float8" converter name that explains the real one, the
+one-line printing of ``ConfigError``, and (without a GPU) CPU/gloo mode (``infra/cpu.py``).
+"""
+
+import dataclasses
+import os
+import sys
+
+from torch import nn
+from torchtitan.components.loss import build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.tokenizer import HuggingFaceTokenizer, build_hf_tokenizer
+from torchtitan.components.validate import build_validator
+from torchtitan.config import JobConfig
+from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.protocols.model import BaseModelArgs
+from torchtitan.protocols.model_converter import (
+    _registry_model_converter_cls,
+    register_model_converter,
+)
+from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+
+from rat_plugin.data.datasets import PREPARE_HINT, check_dataset_path, register_datasets
+from rat_plugin.infra import ConfigError, cpu
+from rat_plugin.infra.parallelize import parallelize_rat
+from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
+from rat_plugin.model.model import RATModel
+
+
+@dataclasses.dataclass
+class RATTitanArgs(RATModelArgs, BaseModelArgs):
+    """RATModelArgs with torchtitan's model-args contract."""
+
+    def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
+        """Take the training length from ``[training] seq_len`` and validate the job."""
+        seq_len = job_config.training.seq_len
+        try:
+            self.check_seq_len(seq_len)
+        except ValueError as e:
+            raise ConfigError(f"[training] {e}") from None
+        cp = job_config.parallelism.context_parallel_degree
+        if cp > 1 and self.mixer == "rat":
+            pieces = 2 * cp if job_config.parallelism.context_parallel_load_balancer == "headtail" \
+                else cp
+            if seq_len % (pieces * self.chunk_size):
+                raise ConfigError(
+                    f"[training] seq_len={seq_len} must split into {pieces} context-parallel "
+                    f"pieces of whole chunks: use a multiple of {pieces * self.chunk_size}"
+                )
+        self.max_seq_len = seq_len
+        tokenizer_json = os.path.join(job_config.model.hf_assets_path, "tokenizer.json")
+        if os.path.exists(tokenizer_json):
+            vocab = HuggingFaceTokenizer(job_config.model.hf_assets_path).get_vocab_size()
+            if vocab > self.vocab_size:
+                raise ConfigError(
+                    f"the tokenizer at [model] hf_assets_path={job_config.model.hf_assets_path} "
+                    f"has {vocab} tokens but the model's vocab_size is {self.vocab_size}: "
+                    "use the model's tokenizer or a flavor with a larger vocabulary"
+                )
+
+    def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+        """(parameters, training FLOPs per token) with RAT's real mixing cost.
+
+        Per token, forward + backward = 3 x forward and 2 FLOPs per multiply-add:
+          6 * N                    N = non-embedding parameters (every linear of the blocks)
+        + 6 * D * V                the LM head matmul (its weight is the tied embedding)
+        + sum over layers of 12 * H * d * K_layer (+ 24 * D for a RAT layer's scan)
+        where K_layer is the mean number of keys a query attends to over the T = seq_len
+        positions (scores + weighted values = 2 matmuls of H*d per key):
+          attention  K = (T + 1) / 2                      (causal)
+          SWA        K = mean_t (min(t, W) + 1)           (window W)
+          RAT        K = mean_t (t // L + 1)  ~ (T/L + 1) / 2   (earlier chunk summaries +
+                                                                   the token's own state)
+        and the RAT scan updates k~ and v~ (D channels each, ~4 FLOPs per channel).
+        Elementwise gates, norms and RoPE are not counted (as in torchtitan's llama3).
+        """
+        nparams = sum(p.numel() for p in model.parameters())  # the tied weight counts once
+        embedding = model.tok_embeddings.weight.numel()
+        flops = 6 * (nparams - embedding) + 6 * self.dim * self.vocab_size
+        for layer_id in range(self.n_layers):
+            kind = self.layer_mixer(layer_id)
+            flops += 12 * self.n_heads * self.head_dim * self.mean_keys(kind, seq_len)
+            if kind == "rat":
+                flops += 24 * self.dim
+        return nparams, int(flops)
+
+    def mean_keys(self, kind: str, seq_len: int) -> float:
+        """Mean number of keys per query for a layer of ``kind`` at length ``seq_len``."""
+        if kind == "attention":
+            return (seq_len + 1) / 2
+        if kind == "swa":
+            return sum(min(t, self.swa_window) + 1 for t in range(seq_len)) / seq_len
+        return sum(t // self.chunk_size + 1 for t in range(seq_len)) / seq_len
+
+
+class Flavors(dict):
+    """Flavor table whose unknown-key error lists the flavors."""
+
+    def __init__(self, kind: str):
+        super().__init__(
+            {f: RATTitanArgs(**dataclasses.asdict(make_args(kind, f))) for f in FLAVORS}
+        )
+        self.kind = kind
+
+    def __missing__(self, flavor: str):
+        raise ConfigError(
+            f"[model] flavor={flavor!r} is unknown for {self.kind}: choose one of {list(self)}"
+        )
+
+
+def build_tokenizer(job_config: JobConfig):
+    path = job_config.model.hf_assets_path
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        hint = PREPARE_HINT if "assets/tokenizer" in path else "point it at the model's tokenizer"
+        raise ConfigError(
+            f"no tokenizer.json in {path!r}: set [model] hf_assets_path "
+            f"(--model.hf_assets_path) or {hint}"
+        )
+    return build_hf_tokenizer(job_config)
+
+
+def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig, **kwargs):
+    training = job_config.training
+    check_dataset_path(training.dataset, training.dataset_path, "training")
+    return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+
+
+def build_rat_validator(*, job_config: JobConfig, **kwargs):
+    validation = job_config.validation
+    check_dataset_path(validation.dataset, validation.dataset_path, "validation")
+    return build_validator(job_config=job_config, **kwargs)
+
+
+class Float8NameError:
+    """Registered as converter "float8" so that name fails with the right one."""
+
+    def __init__(self, job_config: JobConfig, parallel_dims) -> None:
+        raise ConfigError(
+            '[model] converters = ["float8"]: the converter is named "quantize.linear.float8" '
+            "in torchtitan 0.2.2 (settings under [quantize.linear.float8])"
+        )
+
+
+def _print_config_errors(previous=sys.excepthook):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, ConfigError):
+            print(f"ConfigError: {exc}", file=sys.stderr, flush=True)
+        else:
+            previous(exc_type, exc, tb)
+
+    return hook
+
+
+def get_train_spec(kind: str) -> TrainSpec:
+    return TrainSpec(
+        model_cls=RATModel,
+        model_args=Flavors(kind),
+        parallelize_fn=parallelize_rat,
+        pipelining_fn=None,
+        build_optimizers_fn=build_optimizers,
+        build_lr_schedulers_fn=build_lr_schedulers,
+        build_dataloader_fn=build_dataloader,
+        build_tokenizer_fn=build_tokenizer,
+        build_loss_fn=build_cross_entropy_loss,
+        build_validator_fn=build_rat_validator,
+    )
+
+
+if cpu.cpu_mode():
+    cpu.use_cpu()
+register_datasets()
+if "float8" not in _registry_model_converter_cls:
+    register_model_converter(Float8NameError, "float8")
+sys.excepthook = _print_config_errors()
+for _kind in MODEL_KINDS:
+    register_train_spec(_kind, get_train_spec(_kind))

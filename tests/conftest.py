@@ -1,0 +1,47 @@
+"""Shared fixtures: the generated debug assets and a launcher for the real trainer."""
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def debug_assets() -> Path:
+    """The debug corpus and tokenizer under REPO/assets (generated once, idempotent)."""
+    from rat_plugin.data.prepare import prepare
+
+    prepare(REPO / "assets")
+    return REPO / "assets"
+
+
+def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, timeout=300):
+    """Run ``torchrun -m torchtitan.train`` on ``config`` from the repo root; returns the
+    CompletedProcess (stdout and stderr merged)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--standalone", "-m", "torchtitan.train",
+        "--job.config_file", f"train_configs/{config}",
+        "--job.dump_folder", str(dump_folder), *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def tb_losses(dump_folder: Path) -> dict[int, float]:
+    """step -> global average loss from the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    losses = {}
+    for path in sorted(glob.glob(f"{dump_folder}/tb/**/events.out.tfevents.*", recursive=True)):
+        events = EventAccumulator(path)
+        events.Reload()
+        for event in events.Scalars("loss_metrics/global_avg_loss"):
+            losses[event.step] = event.value
+    return losses
