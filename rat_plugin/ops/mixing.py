@@ -4,8 +4,8 @@ from collections.abc import Callable
 
 import torch
 
-from rat_plugin.ops.chunk_attention import chunk_attention
-from rat_plugin.ops.chunk_scan import accumulation_dtype, chunk_scan
+from rat_plugin.ops.chunk_scan import accumulation_dtype
+from rat_plugin.ops.dispatch import select_kernels
 from rat_plugin.ops.rope import apply_rope, rope_angles
 
 # (summary_k, summary_v, summary_chunk) -> the same, gathered over a context-parallel group.
@@ -64,7 +64,8 @@ def rat_mixing_with_states(
             "context-parallel pieces must hold whole chunks"
         )
     acc = accumulation_dtype(q.dtype)
-    k_state, v_state = chunk_scan(k, v, forget_gate, chunk_size)  # (B, T, H, d), acc dtype
+    kernels = select_kernels(q.device)  # portable path or GPU fast path (RAT_KERNELS)
+    k_state, v_state = kernels.chunk_scan(k, v, forget_gate, chunk_size)  # (B, T, H, d), acc
 
     cos, sin = rope_angles(chunk_ids, head_dim, rope_base, acc)  # (T, d)
     cos, sin = cos[:, None], sin[:, None]
@@ -78,7 +79,7 @@ def rat_mixing_with_states(
     if summary_exchange is not None:
         summary_k, summary_v, summary_chunk = summary_exchange(summary_k, summary_v, summary_chunk)
 
-    out = chunk_attention(
+    out = kernels.chunk_attention(
         q_rot.transpose(1, 2),
         k_state_rot.transpose(1, 2),
         v_state.transpose(1, 2),

@@ -1,0 +1,175 @@
+"""Triton kernels for the intra-chunk gated recurrence: exactly the ``chunk_scan`` contract.
+
+One program per (batch * chunk, head, block of head_dim channels) walks the chunk's offsets with
+the running key/value state held in registers (fp32 accumulation, fp64 for fp64 inputs), so k, v
+and the gate are read once and the running states written once. The backward kernel runs the
+reverse scan within each chunk. Both are registered as ``torch.library.triton_op`` custom ops so
+``torch.compile(fullgraph=True)`` can trace them on CUDA. With ``TRITON_INTERPRET=1`` set before
+this module is imported, the same kernels run on CPU in Triton's interpreter (tests only: slow).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from rat_plugin.ops.chunk_scan import accumulation_dtype
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    k_ptr, v_ptr, g_ptr, kt_ptr, vt_ptr,
+    seq_len, heads, head_dim, num_chunks,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    head = tl.program_id(1)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = pid_bc // num_chunks
+    start = (pid_bc % num_chunks) * CHUNK
+    step = heads * head_dim  # elements between consecutive tokens
+    base = ((batch.to(tl.int64) * seq_len + start) * heads + head) * head_dim + dims
+    state_k = tl.zeros([BLOCK_D], dtype=ACC)
+    state_v = tl.zeros([BLOCK_D], dtype=ACC)
+    for s in range(CHUNK):
+        mask = dims < tl.where(start + s < seq_len, head_dim, 0)  # partial last chunk
+        offs = base + s * step
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x_k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x_v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+        state_k = g * state_k + (1 - g) * x_k
+        state_v = g * state_v + (1 - g) * x_v
+        tl.store(kt_ptr + offs, state_k.to(kt_ptr.dtype.element_ty), mask=mask)
+        tl.store(vt_ptr + offs, state_v.to(vt_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    dkt_ptr, dvt_ptr, k_ptr, v_ptr, g_ptr, kt_ptr, vt_ptr, dk_ptr, dv_ptr, dg_ptr,
+    seq_len, heads, head_dim, num_chunks,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    pid_bc = tl.program_id(0)
+    head = tl.program_id(1)
+    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = pid_bc // num_chunks
+    start = (pid_bc % num_chunks) * CHUNK
+    step = heads * head_dim
+    base = ((batch.to(tl.int64) * seq_len + start) * heads + head) * head_dim + dims
+    # grad_k / grad_v: total gradient reaching the running state at offset s (from s and later).
+    grad_k = tl.zeros([BLOCK_D], dtype=ACC)
+    grad_v = tl.zeros([BLOCK_D], dtype=ACC)
+    g_next = tl.zeros([BLOCK_D], dtype=ACC)
+    for i in range(CHUNK):
+        s = CHUNK - 1 - i
+        mask = dims < tl.where(start + s < seq_len, head_dim, 0)  # partial last chunk
+        offs = base + s * step
+        grad_k = tl.load(dkt_ptr + offs, mask=mask, other=0.0).to(ACC) + g_next * grad_k
+        grad_v = tl.load(dvt_ptr + offs, mask=mask, other=0.0).to(ACC) + g_next * grad_v
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x_k = tl.load(k_ptr + offs, mask=mask, other=0.0).to(ACC)
+        x_v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(ACC)
+        has_prev = dims < tl.where((start + s < seq_len) & (s > 0), head_dim, 0)  # state(-1) = 0
+        prev_k = tl.load(kt_ptr + offs - step, mask=has_prev, other=0.0).to(ACC)
+        prev_v = tl.load(vt_ptr + offs - step, mask=has_prev, other=0.0).to(ACC)
+        tl.store(dk_ptr + offs, ((1 - g) * grad_k).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dv_ptr + offs, ((1 - g) * grad_v).to(dv_ptr.dtype.element_ty), mask=mask)
+        grad_g = grad_k * (prev_k - x_k) + grad_v * (prev_v - x_v)
+        tl.store(dg_ptr + offs, grad_g.to(dg_ptr.dtype.element_ty), mask=mask)
+        g_next = g
+
+
+INTERPRETED = not isinstance(_scan_fwd_kernel, triton.runtime.JITFunction)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _launch_shape(k: torch.Tensor, chunk_size: int) -> tuple[tuple[int, int, int], int, int]:
+    """Grid over (batch * chunks, heads, head_dim blocks), the block width and warp count."""
+    batch, seq_len, heads, head_dim = k.shape
+    block_d = min(triton.next_power_of_2(head_dim), 64)
+    num_chunks = triton.cdiv(seq_len, chunk_size)
+    grid = (batch * num_chunks, heads, triton.cdiv(head_dim, block_d))
+    return grid, block_d, max(1, block_d // 32)
+
+
+@triton_op("rat_titan::chunk_scan_fwd", mutates_args=())
+def _chunk_scan_fwd(
+    k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v, forget_gate = k.contiguous(), v.contiguous(), forget_gate.contiguous()
+    acc = accumulation_dtype(k.dtype)
+    kt = torch.empty(k.shape, dtype=acc, device=k.device)
+    vt = torch.empty(k.shape, dtype=acc, device=k.device)
+    _, seq_len, heads, head_dim = k.shape
+    grid, block_d, num_warps = _launch_shape(k, chunk_size)
+    wrap_triton(_scan_fwd_kernel)[grid](
+        k, v, forget_gate, kt, vt, seq_len, heads, head_dim, grid[0] // k.shape[0],
+        CHUNK=chunk_size, BLOCK_D=block_d, ACC=_TL_DTYPES[acc], num_warps=num_warps,
+    )
+    return kt, vt
+
+
+@triton_op("rat_titan::chunk_scan_bwd", mutates_args=())
+def _chunk_scan_bwd(
+    grad_kt: torch.Tensor,
+    grad_vt: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    forget_gate: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_kt, grad_vt = grad_kt.contiguous(), grad_vt.contiguous()
+    k, v, forget_gate = k.contiguous(), v.contiguous(), forget_gate.contiguous()
+    grad_k = torch.empty_like(k)
+    grad_v = torch.empty_like(v)
+    grad_g = torch.empty_like(forget_gate)
+    _, seq_len, heads, head_dim = k.shape
+    grid, block_d, num_warps = _launch_shape(k, chunk_size)
+    wrap_triton(_scan_bwd_kernel)[grid](
+        grad_kt, grad_vt, k, v, forget_gate, kt, vt, grad_k, grad_v, grad_g,
+        seq_len, heads, head_dim, grid[0] // k.shape[0],
+        CHUNK=chunk_size, BLOCK_D=block_d, ACC=_TL_DTYPES[kt.dtype], num_warps=num_warps,
+    )
+    return grad_k, grad_v, grad_g
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    k, v, forget_gate, chunk_size = inputs
+    kt, vt = output
+    ctx.save_for_backward(k, v, forget_gate, kt, vt)
+    ctx.chunk_size = chunk_size
+
+
+def _backward(ctx, grad_kt, grad_vt):
+    k, v, forget_gate, kt, vt = ctx.saved_tensors
+    grad_kt = torch.zeros_like(kt) if grad_kt is None else grad_kt
+    grad_vt = torch.zeros_like(vt) if grad_vt is None else grad_vt
+    grad_k, grad_v, grad_g = _chunk_scan_bwd(
+        grad_kt.to(kt.dtype), grad_vt.to(vt.dtype), k, v, forget_gate, kt, vt, ctx.chunk_size
+    )
+    return grad_k, grad_v, grad_g, None
+
+
+_chunk_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_chunk_scan(
+    k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for ``chunk_scan``: same arguments, same (kt, vt) in the accumulation dtype."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    if k.dim() != 4 or v.shape != k.shape or forget_gate.shape != k.shape:
+        raise ValueError(
+            f"k, v, forget_gate must all be (batch, seq, heads, head_dim); got "
+            f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(forget_gate.shape)}"
+        )
+    if k.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError(
+            f"the Triton chunk scan needs CUDA tensors (got {k.device.type}); set "
+            "TRITON_INTERPRET=1 before importing triton to run it on CPU, or RAT_KERNELS=torch"
+        )
+    return _chunk_scan_fwd(k, v, forget_gate, chunk_size)
