@@ -1,0 +1,78 @@
+"""Plan validation in one process: clear errors for unsupported TP/CP setups, the float8 filter."""
+
+import importlib.util
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from harness import build_model, model_args
+from rat_plugin.infra import ConfigError
+from rat_plugin.infra.context_parallel import PieceAlignmentCheck, apply_cp
+from rat_plugin.infra.float8 import float8_module_filter
+from rat_plugin.infra.tensor_parallel import apply_tp, check_tp_degree
+
+
+@pytest.mark.parametrize(
+    "kind,overrides,tp,needle",
+    [
+        ("rat", dict(n_heads=4, n_groups=2), 4, "n_heads // n_groups = 2"),
+        ("rat", dict(n_heads=8, dim=64, n_groups=2), 8, "n_heads // n_groups = 4"),
+        ("rat_attn_swa", dict(n_heads=4), 3, "does not divide n_heads=4"),
+        ("rat_attn", dict(ffn_hidden_dim=130), 4, "does not divide ffn_hidden_dim=130"),
+    ],
+    ids=["rat-groups", "rat-groups-8", "swa-heads", "ffn"],
+)
+def test_bad_tp_degree(kind, overrides, tp, needle):
+    with pytest.raises(ConfigError, match=f"tensor_parallel_degree={tp}") as err:
+        check_tp_degree(model_args(kind, **overrides), tp)
+    assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("kind,tp", [("rat", 2), ("rat_swa", 2), ("rat_attn", 4)])
+def test_good_tp_degree(kind, tp):
+    check_tp_degree(model_args(kind), tp)
+
+
+@pytest.mark.parametrize(
+    "kind,needle", [("rat_swa", "halo exchange"), ("rat_attn", "ring attention")]
+)
+def test_cp_refuses_window_and_full_attention(kind, needle):
+    model = build_model(kind)
+    with pytest.raises(ConfigError, match="context parallel supports rat only") as err:
+        apply_cp(model, cp_mesh=None)  # refused before the mesh is used
+    assert needle in str(err.value)
+    assert all(getattr(b.mixer, "summary_exchange", None) is None for b in model.layers.values())
+
+
+def _headtail_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
+    pieces = torch.arange(seq_len).chunk(2 * cp)
+    return torch.cat((pieces[rank], pieces[2 * cp - 1 - rank]))[None].expand(2, -1)
+
+
+def test_piece_alignment_check():
+    check = PieceAlignmentCheck(chunk_size=16, cp=2)
+    for rank in range(2):
+        check(None, (None,), {"positions": _headtail_positions(128, 2, rank)})
+    # 96 tokens: pieces of 24 are not whole chunks although each rank holds 48 = 3 * 16.
+    with pytest.raises(ConfigError, match="seq_len=96 over cp=2 .* chunk_size=16"):
+        check(None, (None,), {"positions": _headtail_positions(96, 2, 0)})
+    with pytest.raises(ConfigError, match="needs the global `positions`"):
+        check(None, (None,), {})
+
+
+def test_float8_filter():
+    model = build_model("rat_swa", dim=64, ffn_hidden_dim=128)
+    kept = {fqn for fqn, m in model.named_modules() if float8_module_filter(m, fqn)}
+    assert "layers.0.mixer.wv" in kept and "layers.0.feed_forward.w1" in kept
+    assert not any(f.endswith(("mixer.wq", "mixer.wk")) for f in kept)
+    assert "output" not in kept and "tok_embeddings" not in kept
+    assert not float8_module_filter(nn.Linear(64, 24), "layers.0.feed_forward.w1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is not None, reason="torchao installed")
+def test_float8_tp_without_torchao_is_a_clear_error():
+    mesh = types.SimpleNamespace(size=lambda: 2)  # refused before the mesh is used
+    with pytest.raises(ImportError, match="float8 tensor parallel needs torchao"):
+        apply_tp(build_model("rat"), mesh, loss_parallel=True, enable_float8=True)
