@@ -8,7 +8,8 @@ import pytest
 
 from conftest import launch, tb_losses
 
-STEPS, SAVE_AT = 24, 20
+STEPS, SAVE_AT = 20, 16
+FAST = ("--training.local_batch_size=4",)  # the shipped configs, half the batch: quicker
 LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
 
 
@@ -24,7 +25,7 @@ def assert_ok(run) -> None:
 def rat_run(debug_assets, tmp_path_factory):
     """The uninterrupted reference run, saving a checkpoint at SAVE_AT."""
     dump = tmp_path_factory.mktemp("rat_debug")
-    run = launch("rat_debug.toml", dump, f"--training.steps={STEPS}", "--checkpoint.enable",
+    run = launch("rat_debug.toml", dump, *FAST, f"--training.steps={STEPS}", "--checkpoint.enable",
                  f"--checkpoint.interval={SAVE_AT}")
     assert_ok(run)
     return dump, run.stdout
@@ -49,7 +50,7 @@ def test_rat_debug_trains(rat_run):
 
 @pytest.mark.slow
 def test_rat_swa_debug_trains(debug_assets, tmp_path):
-    run = launch("rat_swa_debug.toml", tmp_path, f"--training.steps={STEPS}")
+    run = launch("rat_swa_debug.toml", tmp_path, *FAST, f"--training.steps={STEPS}")
     assert_ok(run)
     assert "Building rat_swa debugmodel" in run.stdout
     assert_loss_falls(tmp_path, run.stdout)
@@ -62,7 +63,8 @@ def test_checkpoint_resume_reproduces_losses(rat_run, tmp_path):
     assert (saved / ".metadata").exists()
     shutil.copytree(saved, tmp_path / "checkpoint" / f"step-{SAVE_AT}")
 
-    run = launch("rat_debug.toml", tmp_path, f"--training.steps={STEPS}", "--checkpoint.enable",
+    run = launch("rat_debug.toml", tmp_path, *FAST, f"--training.steps={STEPS}",
+                 "--checkpoint.enable",
                  f"--checkpoint.interval={SAVE_AT}")
     assert_ok(run)
     assert f"Training starts at step {SAVE_AT + 1}" in run.stdout
