@@ -63,7 +63,7 @@ def run_both(tensors, query_chunk, summary_chunk):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("seq_len,chunk_size", [(24, 4), (13, 3), (8, 8), (5, 1)])
 def test_matches_portable_values_and_grads(device, dtype, seq_len, chunk_size):
-    tensors, query_chunk, summary_chunk = make_inputs(2, 3, seq_len, chunk_size, 8, dtype, device)
+    tensors, query_chunk, summary_chunk = make_inputs(2, 3, seq_len, chunk_size, 16, dtype, device)
     (out, grads), (ref, ref_grads) = run_both(tensors, query_chunk, summary_chunk)
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
     for grad, ref_grad in zip(grads, ref_grads):
@@ -72,8 +72,8 @@ def test_matches_portable_values_and_grads(device, dtype, seq_len, chunk_size):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_and_gathered_chunk_ids(device):
-    """Per-sequence chunk ids and summaries from non-contiguous chunks, as context parallel sends."""
-    tensors, _, _ = make_inputs(2, 2, 8, 2, 8, torch.float64, device)
+    """Per-sequence chunk ids and summaries from non-contiguous chunks, as CP sends."""
+    tensors, _, _ = make_inputs(2, 2, 8, 2, 16, torch.float64, device)
     query_chunk = torch.tensor([[0, 0, 1, 1, 6, 6, 7, 7], [2, 2, 3, 3, 4, 4, 5, 5]], device=device)
     summary_chunk = torch.tensor([[0, 1, 6, 7], [5, 2, 4, 3]], device=device)
     (out, grads), (ref, ref_grads) = run_both(tensors, query_chunk, summary_chunk)
@@ -84,10 +84,10 @@ def test_batched_and_gathered_chunk_ids(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_first_chunk_rows_are_exactly_the_own_state(device):
-    tensors, query_chunk, summary_chunk = make_inputs(1, 2, 12, 4, 8, torch.float32, device)
+    tensors, query_chunk, summary_chunk = make_inputs(1, 2, 12, 4, 16, torch.float32, device)
     q, k_state, v_state, summary_k, summary_v = tensors
     out = flex_chunk_attention(
-        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 8**-0.5
+        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 16**-0.5
     )
     assert torch.equal(out[:, :, :4], v_state[:, :, :4])
     out.sum().backward()
@@ -97,11 +97,11 @@ def test_first_chunk_rows_are_exactly_the_own_state(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_no_summaries_gives_the_own_state(device):
-    tensors, query_chunk, summary_chunk = make_inputs(1, 2, 3, 4, 8, torch.float32, device)
+    tensors, query_chunk, summary_chunk = make_inputs(1, 2, 3, 4, 16, torch.float32, device)
     q, k_state, v_state, summary_k, summary_v = tensors
     assert summary_k.shape[-2] == 0
     out = flex_chunk_attention(
-        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 8**-0.5
+        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 16**-0.5
     )
     assert torch.equal(out, v_state)
 
@@ -110,7 +110,7 @@ def test_no_summaries_gives_the_own_state(device):
 def test_large_logits_stay_finite(device):
     """Logits around 1e4: a naive exp would overflow; the lse merge must not give inf or NaN."""
     tensors, query_chunk, summary_chunk = make_inputs(
-        1, 2, 16, 4, 8, torch.float64, device, logit_scale=3e3
+        1, 2, 16, 4, 16, torch.float64, device, logit_scale=3e3
     )
     (out, grads), (ref, ref_grads) = run_both(tensors, query_chunk, summary_chunk)
     assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
@@ -124,7 +124,7 @@ def test_rat_mixing_with_flex_matches_loop_oracle(device, monkeypatch):
     """RAT_ATTENTION=flex routes rat_mixing through flex; values and grads match the oracle."""
     monkeypatch.setenv("RAT_ATTENTION", "flex")
     gen = torch.Generator().manual_seed(3)
-    shape = (2, 21, 2, 8)  # L=4: five whole chunks and a partial one
+    shape = (2, 21, 2, 16)  # L=4: five whole chunks and a partial one
     q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3))
     gate = torch.rand(*shape, generator=gen, dtype=torch.float64) * 0.98 + 0.01
     inputs = [t.to(device).requires_grad_() for t in (q, k, v, gate)]

@@ -78,7 +78,7 @@ def test_matches_portable_scan(batch, seq_len, heads, head_dim, chunk_size, dtyp
 
 @needs_kernels
 def test_unused_output_and_strided_inputs():
-    """Only vt feeds the loss (kt's grad arrives as None), and inputs are non-contiguous views."""
+    """Only vt feeds the loss, and the inputs are non-contiguous views."""
     base = scan_inputs(2, 11, 4, 8, torch.float64)
     inputs = [t.detach()[:, :, ::2].requires_grad_() for t in base]  # every other head: strided
     assert not inputs[0].is_contiguous()
@@ -122,7 +122,7 @@ class _StopAfterTrace(Exception):
     pass
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU tracing check; CUDA runs the real compile test")
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
 def test_fullgraph_compile_traces_the_triton_ops(monkeypatch):
     """Dynamo (fullgraph) + AOTAutograd trace rat_mixing's forward and backward into the Triton
     kernel ops, as on CUDA. Without a GPU driver the kernels cannot run, so the compiled graph
@@ -165,7 +165,7 @@ def test_compiled_bf16_mixing_on_cuda_matches_eager_portable(monkeypatch):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA only")
 def test_custom_op_registration_on_cuda():
-    inputs = [t.detach() for t in scan_inputs(2, 19, 2, 16, torch.float32)]
+    inputs = scan_inputs(2, 19, 2, 16, torch.float32)  # requires grad: checks autograd too
     torch.library.opcheck(torch.ops.rat_titan.chunk_scan_fwd.default, (*inputs, 8))
 
 

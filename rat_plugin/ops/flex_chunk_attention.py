@@ -1,4 +1,4 @@
-"""``chunk_attention`` via flex_attention: queries x earlier chunk summaries, merged with the own state.
+"""``chunk_attention`` via flex_attention over chunk summaries, merged with the own state.
 
 flex_attention handles the block-sparse part (summary s is visible to query t iff its chunk is
 earlier) and returns the log-sum-exp of each row; the own-state logit is merged in by log-sum-exp.
