@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from rat_plugin.generate.loading import (
@@ -137,13 +138,20 @@ def load_dcp_model(step_dir: str | os.PathLike, names: dict[str, TensorStorageMe
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in names.items()}
     try:
         dcp.load(state, checkpoint_id=str(step_dir), no_dist=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
         raise ConversionError(
-            f"reading the weights of {step_dir} failed ({first}): the checkpoint is corrupt or "
-            "incomplete"
+            f"reading the weights of {step_dir} failed ({_reason(err)}): the checkpoint is "
+            "corrupt or incomplete"
         ) from None
     return state
+
+
+def _reason(err: BaseException) -> str:
+    """One line for an exception; DCP wraps each rank's failure in a CheckpointException."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first rank
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------- model spec
