@@ -1,0 +1,33 @@
+# Quick start (README): `make train-debug` trains the debug model on 2 CPU ranks,
+# `make test` runs the whole test suite. Both install what is missing first.
+PYTHON ?= python
+NPROC ?= 2
+CONFIG ?= train_configs/rat_debug.toml
+# torch first, pinned: on a CPU-only host this resolves to the CPU wheel, so the package
+# install below finds torch satisfied and pulls no CUDA packages. Extra pip arguments (e.g. a
+# CPU wheel index) go in TORCH_PIP_ARGS.
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+
+.PHONY: install data train-debug test
+
+install:
+	@if $(PYTHON) -c "import importlib.metadata as m; [m.version(d) for d in ('rat-titan', \
+'torch', 'torchtitan', 'torchdata', 'tokenizers', 'triton', 'pytest', 'pytest-timeout')]" \
+		2>/dev/null; then \
+		echo "install: everything already installed"; \
+	else \
+		command -v nvidia-smi >/dev/null || $(PYTHON) -m pip install $(TORCH_PIP_ARGS) "$(TORCH)"; \
+		$(PYTHON) -m pip install -e ".[test]"; \
+	fi
+
+data: install
+	$(PYTHON) -m rat_plugin.data.prepare
+
+train-debug: data
+	$(PYTHON) -m torch.distributed.run --nproc_per_node=$(NPROC) --standalone \
+		--local-ranks-filter 0 --role rank --tee 3 \
+		-m torchtitan.train --job.config_file $(CONFIG)
+
+test: install
+	$(PYTHON) -m pytest -q
