@@ -7,6 +7,10 @@ embedding is tied to the LM head, so ``tok_embeddings``, ``norm`` and ``output``
 root unit together (torchtitan's ``apply_fsdp`` shards the embedding on its own, which would
 split the tied weight across two units).
 
+Compile is per block with ``fullgraph=True``: the GPU kernels (Triton scan, flex attention) trace
+without graph breaks (docs/gpu_fast_path.md); the portable CPU path does not, so the CPU debug
+configs leave compile off.
+
 Context parallel: torchtitan 0.2.2's trainer only shards the batch and passes ``positions``;
 it never enters torch's SDPA ring-attention context by itself (that happens only if a
 parallelize_fn calls ``apply_cp_to_attention_module``). So CP for RAT is entirely
