@@ -23,7 +23,6 @@ False. Nothing here edits installed files or patches torch; on a GPU machine it 
 import importlib
 import os
 import resource
-import sys
 import types
 
 import torch
@@ -72,7 +71,7 @@ def cpu_mode() -> bool:
 def use_cpu() -> None:
     """Point torchtitan's device globals at the CPU (item 1 of the module docstring)."""
     for name in _DEVICE_GLOBAL_MODULES:
-        module = sys.modules.get(name) or importlib.import_module(name)
+        module = importlib.import_module(name)
         if hasattr(module, "device_type"):
             module.device_type = "cpu"
         if hasattr(module, "device_module"):
