@@ -197,13 +197,24 @@ def spec_from_config(
     return ModelSpec(model_name, flavor, make_args(model_name, flavor, **overrides), source)
 
 
-def tokenizer_from_config(toml_path: str | os.PathLike) -> str | None:
-    """The ``[model] hf_assets_path`` of a training TOML when it holds a tokenizer.json."""
+def tokenizer_from_config(toml_path: str | os.PathLike, log=print) -> str | None:
+    """The ``[model] hf_assets_path`` folder of a training TOML, if it holds a tokenizer.json.
+
+    The path is relative to where training ran: tried from the current folder, then from the
+    TOML's folder and its parent (configs usually live in ``train_configs/``).
+    """
     import tomli
 
     with open(toml_path, "rb") as f:
         folder = tomli.load(f).get("model", {}).get("hf_assets_path")
-    return folder if folder and (Path(folder) / "tokenizer.json").is_file() else None
+    if not folder:
+        return None
+    config_dir = Path(toml_path).resolve().parent
+    for base in (Path.cwd(), config_dir, config_dir.parent):
+        if (base / folder / "tokenizer.json").is_file():
+            return str(base / folder)
+    log(f"tokenizer: [model] hf_assets_path={folder} not found, none copied (pass --tokenizer DIR)")
+    return None
 
 
 def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
