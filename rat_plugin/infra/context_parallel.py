@@ -9,17 +9,27 @@ summaries under the causal mask on global chunk ids. The all-gather is autograd-
 backward reduce-scatters (sums) the summary gradients back to the rank that produced them. Per
 layer and step that moves T/L tokens' K and V, against T tokens' for ring attention.
 
-Refused (a clear error, never wrong numbers): sliding-window layers (RAT-SWA) would need the
-W-token halo from the neighbouring piece, and full-attention layers would need ring attention.
+Sliding-window layers (RAT-SWA) need, for each local piece, the W tokens before it, held by
+other pieces. Every rank sends the rotated K and V of the last min(W, piece) tokens of each of its
+pieces (one autograd all-gather per layer); each piece then attends to [its halo | itself] under
+the window mask on global positions. The halo layout (which gathered tokens precede which piece)
+is computed once per forward from ``positions`` by a pre-hook, outside any compiled region.
+Per layer each rank sends min(W, piece) tokens' K and V per piece, independent of T.
+
+Refused (a clear error, never wrong numbers): full-attention layers (the attention baselines)
+would need ring attention.
 """
 
 import torch
+import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from rat_plugin.infra import ConfigError
 from rat_plugin.model.rat import RAT
+from rat_plugin.model.swa import SlidingWindowAttention
 
 
 class SummaryAllGather:
@@ -34,9 +44,24 @@ class SummaryAllGather:
         head_dim = summary_k.shape[-1]
         # (B, N, H, 2d) -> chunks first, gathered along dim 0 -> back to (B, N * cp, H, 2d).
         kv = torch.cat((summary_k, summary_v), dim=-1).transpose(0, 1).contiguous()
-        kv = funcol.all_gather_single(kv, 0, self.cp_mesh).transpose(0, 1)
-        chunks = funcol.all_gather_single(summary_chunk.contiguous(), 0, self.cp_mesh)
+        kv = self.all_gather(kv).transpose(0, 1)
+        chunks = self.all_gather(summary_chunk.contiguous())
         return kv[..., :head_dim], kv[..., head_dim:], chunks
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``tensor`` along dim 0; backward reduce-scatters (sums)."""
+        return funcol.all_gather_single(tensor, 0, self.cp_mesh)
+
+
+def _positions(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The (T_local,) global positions from a ``RATModel.forward`` call."""
+    positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+    if positions is None:
+        raise ConfigError(
+            "context parallel needs the global `positions` of the local tokens: call "
+            "model(tokens, positions=...) as torchtitan's prepare_context_parallel_input does"
+        )
+    return (positions[0] if positions.dim() == 2 else positions).long()
 
 
 class PieceAlignmentCheck:
@@ -46,13 +71,7 @@ class PieceAlignmentCheck:
         self.chunk_size, self.cp = chunk_size, cp
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        if positions is None:
-            raise ConfigError(
-                "context parallel needs the global `positions` of the local tokens: call "
-                "model(tokens, positions=...) as torchtitan's prepare_context_parallel_input does"
-            )
-        pos = (positions[0] if positions.dim() == 2 else positions).long()
+        pos = _positions(args, kwargs)
         L, cp = self.chunk_size, self.cp
         aligned = pos.numel() % L == 0
         if aligned:
@@ -71,26 +90,102 @@ class PieceAlignmentCheck:
             )
 
 
+class HaloLayout:
+    """Forward pre-hook: where each local piece's halo lies among the tails all ranks send.
+
+    ``pieces``: (start, end) local token ranges of the contiguous pieces; ``send``: local indices
+    of the last min(W, piece length) tokens of every piece; ``halo[i]``: indices, into the
+    gathered tails, of the tokens at global positions [s - W, s) before piece i (start s);
+    ``key_pos[i]``: global positions of [halo | piece] keys.
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh, window: int):
+        self.cp_mesh, self.window = cp_mesh, window
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pos = _positions(args, kwargs)
+        breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
+        bounds = [0, *breaks, pos.numel()]
+        runs = list(zip(bounds[:-1], bounds[1:]))
+        # Ranks must send equally many tokens: cut every contiguous run into pieces of the
+        # shortest run over the CP group (headtail: rank cp/2-1 holds two adjacent pieces).
+        group = self.cp_mesh.get_group()
+        piece = torch.tensor(min(end - start for start, end in runs), device=pos.device)
+        dist.all_reduce(piece, op=dist.ReduceOp.MIN, group=group)
+        piece = int(piece)
+        uneven = torch.tensor(int(any((end - start) % piece for start, end in runs)), device=pos.device)
+        dist.all_reduce(uneven, op=dist.ReduceOp.MAX, group=group)  # every rank raises alike
+        if uneven:
+            raise ConfigError(
+                f"sliding-window layers under context parallel need pieces of equal length, got "
+                f"runs of {[end - start for start, end in runs]} tokens: use the headtail load "
+                "balancer or none"
+            )
+        self.pieces = [(a, a + piece) for start, end in runs for a in range(start, end, piece)]
+        tail = min(self.window, piece)
+        self.send = torch.cat([torch.arange(end - tail, end) for _, end in self.pieces]).to(pos.device)
+        gathered = pos.new_empty(self.send.numel() * self.cp_mesh.size())
+        dist.all_gather_into_tensor(gathered, pos[self.send], group=group)
+        self.halo, self.key_pos = [], []
+        for start, end in self.pieces:
+            first = int(pos[start])
+            halo = ((gathered >= first - self.window) & (gathered < first)).nonzero().flatten()
+            if halo.numel() != min(self.window, first):  # cannot happen with equal pieces
+                raise ConfigError(f"the sliding-window halo of position {first} is incomplete")
+            self.halo.append(halo)
+            self.key_pos.append(torch.cat((gathered[halo], pos[start:end])))
+
+
+class HaloAttention:
+    """``SlidingWindowAttention.halo_attention``: window attention over [halo | piece] keys."""
+
+    def __init__(self, layout: HaloLayout):
+        self.layout = layout
+
+    def __call__(self, q, k, v, positions, window: int) -> torch.Tensor:
+        """q, k (rotated), v: (B, H, T_local, d); positions (T_local,) -> (B, H, T_local, d)."""
+        layout, head_dim = self.layout, k.shape[-1]
+        tails = torch.cat((k, v), dim=-1)[:, :, layout.send].permute(2, 0, 1, 3).contiguous()
+        tails = funcol.all_gather_single(tails, 0, layout.cp_mesh).permute(1, 2, 0, 3)
+        outs = []
+        for (start, end), halo, key_pos in zip(layout.pieces, layout.halo, layout.key_pos):
+            halo_kv = tails[:, :, halo]
+            keys = torch.cat((halo_kv[..., :head_dim], k[:, :, start:end]), dim=2)
+            values = torch.cat((halo_kv[..., head_dim:], v[:, :, start:end]), dim=2)
+            query_pos = positions[start:end].long()[:, None]
+            visible = (key_pos <= query_pos) & (key_pos >= query_pos - window)
+            outs.append(
+                F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=visible)
+            )
+        return torch.cat(outs, dim=2)
+
+
 def apply_cp(model: nn.Module, cp_mesh: DeviceMesh) -> None:
-    """Make every RAT layer of ``model`` exchange chunk summaries over ``cp_mesh``, in place."""
+    """Make the mixers of ``model`` exchange what they need over ``cp_mesh``, in place.
+
+    RAT layers all-gather chunk summaries; sliding-window layers all-gather their halo tails.
+    """
+    windows = set()
     for layer_id, block in model.layers.items():
         mixer = block.mixer
-        if isinstance(mixer, RAT):
-            continue
-        if getattr(mixer, "window", None) is not None:
+        if isinstance(mixer, SlidingWindowAttention) and mixer.window is None:
             raise ConfigError(
-                f"context parallel supports rat only: layer {layer_id} is sliding-window "
-                "attention (RAT-SWA), which needs the W-token halo exchange with the neighbouring "
-                "piece, not implemented: use context_parallel_degree 1 for rat_swa"
+                f"context parallel supports RAT and sliding-window layers only: layer {layer_id} "
+                "is full attention, which would need ring attention (torch's SDPA context "
+                "parallel, not wired for this model): use context_parallel_degree 1 for the "
+                "attention baselines"
             )
-        raise ConfigError(
-            f"context parallel supports rat only: layer {layer_id} is full attention, which "
-            "would need ring attention (torch's SDPA context parallel, not wired for this model): "
-            "use context_parallel_degree 1 for the attention baselines"
-        )
-    exchange = SummaryAllGather(cp_mesh)
-    for block in model.layers.values():
-        block.mixer.summary_exchange = exchange
+        if isinstance(mixer, SlidingWindowAttention):
+            windows.add(mixer.window)
     model.register_forward_pre_hook(
         PieceAlignmentCheck(model.args.chunk_size, cp_mesh.size()), with_kwargs=True
     )
+    exchange = SummaryAllGather(cp_mesh)
+    layouts = {w: HaloLayout(cp_mesh, w) for w in sorted(windows)}
+    for layout in layouts.values():
+        model.register_forward_pre_hook(layout, with_kwargs=True)
+    for block in model.layers.values():
+        if isinstance(block.mixer, RAT):
+            block.mixer.summary_exchange = exchange
+        else:
+            block.mixer.halo_attention = HaloAttention(layouts[block.mixer.window])

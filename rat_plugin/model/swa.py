@@ -27,6 +27,9 @@ class SlidingWindowAttention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
+        # Set by the context-parallel plan: (q, k, v (B, H, T, d), positions (T,), window) ->
+        # window attention over this rank's pieces plus the halo of tokens held by other ranks.
+        self.halo_attention = None
 
     def init_weights(self, std: float = 0.02) -> None:
         for linear in (self.wq, self.wk, self.wv, self.wo):
@@ -67,7 +70,11 @@ class SlidingWindowAttention(nn.Module):
         else:
             if cache is not None:
                 cache.fill(k, v)
-            out = window_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.window)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if self.halo_attention is not None and cache is None:
+                out = self.halo_attention(q, k, v, token_pos, self.window)
+            else:
+                out = window_attention(q, k, v, self.window)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def new_cache(self, lengths: torch.Tensor) -> KVCache:
