@@ -266,3 +266,17 @@ def test_cli_missing_model_and_tokenizer(model_dir, tmp_path, capsys):
     (bare / "tokenizer.json").unlink()
     assert generate_main(["--model", str(bare), "--prompt", "hi"]) == 1
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_cache_memory_tool_prints_the_1p3b_figures(monkeypatch, capsys):
+    import runpy
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "cache_memory.py"
+    monkeypatch.setattr("sys.argv", [str(tool), "--positions", "4096"])
+    runpy.run_path(str(tool), run_name="__main__")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("1.3B: 24 layers, H=16, d=128, L=16")
+    row = out[2].split()
+    # rat 48.2 MiB (24 * (2*16*128*255*2 + 2*16*128*4) bytes), attention 768 MiB: ratio ~L.
+    assert row[:3] == ["4096", "48.2", "MiB"] and row[5:7] == ["768.0", "MiB"]
+    assert float(row[-1]) == pytest.approx(15.9, abs=0.05)

@@ -1,7 +1,8 @@
 """Round trip through the real trainer: train the debug model on 2 CPU ranks (FSDP2, then TP 2)
 with checkpointing on, convert the DCP checkpoints, and check the standalone model's logits
 against the trainer's model restored from the same checkpoint by torchtitan's own code path
-(its train spec's model class, ``ModelWrapper`` and DCP load)."""
+(its train spec's model class, ``ModelWrapper`` and DCP load). The reverse direction seeds a
+training run."""
 
 import os
 import subprocess
@@ -12,7 +13,10 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from safetensors.torch import load_file
+
 from rat_plugin.generate import generate, load
+from rat_plugin.model import RATModel, make_args
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -21,16 +25,17 @@ from convert_checkpoint import main as convert_main  # noqa: E402
 SEQ_LEN = 64
 
 
-def train(dump: Path, *parallelism: str) -> None:
-    """Two steps of rat_debug.toml; step 1 saves a full checkpoint, step 2 (the last) model-only."""
+def train(dump: Path, *options: str, steps: int = 2) -> None:
+    """``steps`` steps of rat_debug.toml with a checkpoint at every step: full ones, except the
+    last, which is model-only (``last_save_model_only``)."""
     if not (REPO / "assets" / "data" / "rat_debug" / "train.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "rat_plugin.data.prepare"], cwd=REPO, check=True)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "torchtitan.train", "--job.config_file", "train_configs/rat_debug.toml",
-        "--job.dump_folder", str(dump), "--training.steps", "2", "--training.local_batch_size", "2",
+        "--job.dump_folder", str(dump), "--training.steps", str(steps), "--training.local_batch_size", "2",
         "--training.seq_len", str(SEQ_LEN), "--checkpoint.enable", "--checkpoint.interval", "1",
-        "--metrics.no-enable-tensorboard", *parallelism,
+        "--metrics.no-enable-tensorboard", *options,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
@@ -96,3 +101,23 @@ def test_trainer_checkpoint_converts_to_the_same_model(tmp_path, parallelism, ca
         convert(steps / step, tmp_path / step, capsys)
         embeddings.append(check_same_logits(steps / step, tmp_path / step))
     assert not torch.equal(*embeddings), "training did not change the weights between steps"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_converted_model_seeds_training(tmp_path, capsys):
+    """standalone -> DCP (--to-dcp) -> trainer's initial load -> one step at lr 0 -> its
+    checkpoint converts back to exactly the seed weights (a random init would not)."""
+    torch.manual_seed(3)
+    model = RATModel(make_args("rat", "debugmodel", max_seq_len=SEQ_LEN))
+    model.init_weights()
+    dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "orig"), no_dist=True)
+    convert(tmp_path / "orig", tmp_path / "standalone", capsys)
+    assert convert_main([str(tmp_path / "standalone"), str(tmp_path / "seed"), "--to-dcp"]) == 0
+    train(tmp_path / "run", "--checkpoint.initial_load_path", str(tmp_path / "seed"),
+          "--optimizer.lr", "0", steps=1)
+    convert(tmp_path / "run" / "checkpoint" / "step-1", tmp_path / "reloaded", capsys)
+    before = load_file(str(tmp_path / "standalone" / "model.safetensors"))
+    after = load_file(str(tmp_path / "reloaded" / "model.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,49 @@
+"""Decode-cache memory per sequence (DESIGN.md section 3): RAT vs attention vs SWA.
+
+    python tools/cache_memory.py [--flavor 1.3B] [--dtype bf16] [--positions 1024 4096 16384]
+
+Figures come from ``rat_plugin.generate.cache_bytes``, the formula that tests/test_generate.py
+checks against the caches' own ``nbytes_per_sequence()``.
+"""
+
+import argparse
+
+import torch
+
+from rat_plugin.generate import cache_bytes
+from rat_plugin.model import FLAVORS, MODEL_KINDS, make_args
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--flavor", default="1.3B", choices=list(FLAVORS))
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    models = {kind: make_args(kind, args.flavor) for kind in MODEL_KINDS}
+    shape = models["rat"]
+    print(
+        f"{args.flavor}: {shape.n_layers} layers, H={shape.n_heads}, d={shape.head_dim}, "
+        f"L={shape.chunk_size}, SWA window={models['rat_swa'].swa_window}, {args.dtype} cache"
+    )
+    header = f"{'position':>9}" + "".join(f"{kind:>14}" for kind in models) + f"{'attn/rat':>10}"
+    print(header)
+    for position in args.positions:
+        sizes = {kind: cache_bytes(m, position, dtype) for kind, m in models.items()}
+        ratio = sizes["rat_attn"] / sizes["rat"]
+        print(f"{position:>9}" + "".join(f"{human(b):>14}" for b in sizes.values()) + f"{ratio:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
