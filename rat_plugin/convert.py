@@ -74,7 +74,9 @@ def read_dcp_shapes(step_dir: str | os.PathLike) -> dict[str, TensorStorageMetad
             "{dump_folder}/{checkpoint.folder}/step-N"
         )
     if not (path / ".metadata").is_file():
-        steps = sorted(path.glob("step-*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+        steps = sorted(
+            (p for p in path.glob("step-*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+        )
         hint = f": did you mean {steps[-1]}?" if steps else " (no .metadata file)"
         raise ConversionError(f"{path} is not a DCP checkpoint step folder{hint}")
     try:
@@ -176,7 +178,8 @@ def spec_from_config(
             raise ConversionError(f"training config {toml_path} does not exist") from None
         except tomli.TOMLDecodeError as err:
             raise ConversionError(f"training config {toml_path} is not valid TOML: {err}") from None
-        source = f"config {toml_path}" + (" + command line" if model_name or flavor or seq_len else "")
+        overridden = model_name or flavor or seq_len
+        source = f"config {toml_path}" + (" + command line" if overridden else "")
     model_name = model_name or values.get("model", {}).get("name")
     flavor = flavor or values.get("model", {}).get("flavor")
     seq_len = seq_len or values.get("training", {}).get("seq_len")
@@ -285,7 +288,9 @@ def atomic_dir(out_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
         raise
 
 
-def write_config(folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype):
+def write_config(
+    folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype
+) -> None:
     config = {
         "model_kind": kind,
         "flavor": flavor,
@@ -354,7 +359,7 @@ def standalone_to_dcp(
     force: bool = False,
     log=print,
 ) -> None:
-    """Write a model-only DCP checkpoint (flat FQNs, fp32 unless ``dtype``) from a standalone folder.
+    """Write a model-only DCP checkpoint (flat FQNs, fp32 unless ``dtype``) of a standalone folder.
 
     Point torchtitan's ``checkpoint.initial_load_path`` at ``out_dir`` with
     ``checkpoint.initial_load_model_only = true`` to seed training from it.

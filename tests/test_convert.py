@@ -120,8 +120,9 @@ def test_ambiguous_shapes_ask_for_the_config(tmp_path, capsys):
 
 def test_checkpoint_of_another_model_lists_the_differences(tmp_path):
     step = save_dcp(tmp_path / "step-1", model_of("rat_swa"))
+    spec = spec_from_config(None, "rat", "debugmodel")
     with pytest.raises(ConversionError) as info:
-        dcp_to_standalone(step, tmp_path / "out", spec_from_config(None, "rat", "debugmodel"), **quiet)
+        dcp_to_standalone(step, tmp_path / "out", spec, **quiet)
     message = str(info.value)
     assert "missing keys: layers.1.mixer.wg.bias" in message
     assert "layers.1.mixer.wq.weight (128, 128) != (64, 128)" in message
@@ -129,7 +130,8 @@ def test_checkpoint_of_another_model_lists_the_differences(tmp_path):
 
 
 def test_unknown_keys_are_listed(tmp_path):
-    extra = {"layers.0.mixer.extra_proj.weight": torch.ones(2), "layers.9.ffn_norm.weight": torch.ones(2)}
+    extra = {"layers.0.mixer.extra_proj.weight": torch.ones(2),
+             "layers.9.ffn_norm.weight": torch.ones(2)}
     step = save_dcp(tmp_path / "a", model_of("rat"), extra=extra)
     spec = spec_from_config(None, "rat", "debugmodel")
     with pytest.raises(ConversionError, match="unknown keys: layers.0.mixer.extra_proj.weight, "
@@ -227,10 +229,12 @@ def test_standalone_back_to_dcp_seeds_a_model(tmp_path, capsys):
     dcp.load(state, checkpoint_id=str(tmp_path / "seed"), no_dist=True)
     fresh.load_state_dict(state)
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(fresh.state_dict()[k], v.to(torch.bfloat16).float(), atol=0, rtol=0)
+        want = v.to(torch.bfloat16).float()
+        torch.testing.assert_close(fresh.state_dict()[k], want, atol=0, rtol=0)
     # And it converts forward again to the same folder contents.
     dcp_to_standalone(tmp_path / "seed", tmp_path / "std2", spec, dtype=torch.bfloat16, **quiet)
-    a, b = load_file(str(tmp_path / "std" / "model.safetensors")), load_file(str(tmp_path / "std2" / "model.safetensors"))
+    a = load_file(str(tmp_path / "std" / "model.safetensors"))
+    b = load_file(str(tmp_path / "std2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConversionError, match="does not exist"):
         standalone_to_dcp(tmp_path / "missing", tmp_path / "x", **quiet)
@@ -241,5 +245,6 @@ def test_untied_head_is_refused(tmp_path):
     state = dict(model.state_dict())
     state["output.weight"] = state["output.weight"] + 1
     dcp.save(state, checkpoint_id=str(tmp_path / "s"), no_dist=True)
+    spec = ModelSpec("rat", "debugmodel", model.args, "test")
     with pytest.raises(ConversionError, match="tie"):
-        dcp_to_standalone(tmp_path / "s", tmp_path / "out", ModelSpec("rat", "debugmodel", model.args, "t"), **quiet)
+        dcp_to_standalone(tmp_path / "s", tmp_path / "out", spec, **quiet)

@@ -48,7 +48,8 @@ def test_cached_generation_equals_full_recomputation(kind):
     L, train_len = model.args.chunk_size, model.args.max_seq_len
     lengths = [1, L - 1, L, L + 1, 3 * L + 5, 2 * train_len]
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    vocab = model.args.vocab_size
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
     new = L + 2  # every sequence closes a chunk while decoding, and the SWA ring wraps
     result = generate(model, prompts, max_new_tokens=new, return_logits=True)
 
@@ -199,7 +200,7 @@ def model_dir(tmp_path_factory):
     model = build("rat_swa")
     dcp.save(model.state_dict(), checkpoint_id=str(root / "step-1"), no_dist=True)
     spec = ModelSpec("rat_swa", "debugmodel", model.args, "test")
-    dcp_to_standalone(root / "step-1", root / "model", spec, tokenizer_dir=TOKENIZER, log=lambda _: 0)
+    dcp_to_standalone(root / "step-1", root / "model", spec, tokenizer_dir=TOKENIZER, log=print)
     return root / "model", model
 
 
@@ -227,7 +228,8 @@ def test_load_errors(tmp_path, model_dir):
 
 def test_cli_streams_the_greedy_continuation(model_dir, capsys):
     folder, original = model_dir
-    assert generate_main(["--model", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "7"]) == 0
+    argv = ["--model", str(folder), "--prompt-ids", "1 2 3", "--max-new-tokens", "7"]
+    assert generate_main(argv) == 0
     out = capsys.readouterr().out
     want = generate(original, [[1, 2, 3]], 7).tokens[0]
     assert out.splitlines()[0].split() == [str(t) for t in [1, 2, 3, *want]]

@@ -33,7 +33,8 @@ def train(dump: Path, *options: str, steps: int = 2) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "torchtitan.train", "--job.config_file", "train_configs/rat_debug.toml",
-        "--job.dump_folder", str(dump), "--training.steps", str(steps), "--training.local_batch_size", "2",
+        "--job.dump_folder", str(dump), "--training.steps", str(steps),
+        "--training.local_batch_size", "2",
         "--training.seq_len", str(SEQ_LEN), "--checkpoint.enable", "--checkpoint.interval", "1",
         "--metrics.no-enable-tensorboard", *options,
     ]
@@ -70,7 +71,8 @@ def convert(step_dir: Path, out: Path, capsys) -> None:
 def check_same_logits(step_dir: Path, out: Path) -> torch.Tensor:
     reference = trainer_model(step_dir)
     standalone = load(out, dtype="fp32")
-    tokens = torch.randint(0, reference.args.vocab_size, (3, 2 * SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, reference.args.vocab_size, (3, 2 * SEQ_LEN), generator=generator)
     with torch.no_grad():
         want, got = reference(tokens), standalone(tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -42,7 +42,8 @@ def main() -> None:
     for position in args.positions:
         sizes = {kind: cache_bytes(m, position, dtype) for kind, m in models.items()}
         ratio = sizes["rat_attn"] / sizes["rat"]
-        print(f"{position:>9}" + "".join(f"{human(b):>14}" for b in sizes.values()) + f"{ratio:>10.1f}")
+        cells = "".join(f"{human(b):>14}" for b in sizes.values())
+        print(f"{position:>9}{cells}{ratio:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m rat_plugin.generate", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--model", required=True, help="folder written by tools/convert_checkpoint.py")
+    parser.add_argument("--model", required=True, help="folder from tools/convert_checkpoint.py")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     prompts.add_argument("--prompts-file", help="text file, one prompt per non-empty line")
@@ -54,30 +54,37 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     return lines
 
 
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: give integers such as '1 450 338'") from None
+
+
+def encode_prompts(args: argparse.Namespace):
+    """(token id prompts, tokenizer or None, stop ids) from the command line."""
+    texts = read_prompts(args)
+    stop = set(args.stop_id)
+    if texts is None:
+        return [parse_ids(text) for text in args.prompt_ids], None, stop
+    tokenizer = load_tokenizer(args.model)
+    bos, eos = special_token_ids(args.model, tokenizer)
+    prompts = []
+    for i, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise ValueError(f"prompt {i} ({text!r}) is empty: give some text")
+        prompts.append(ids if args.no_bos or bos is None else [bos, *ids])
+    if eos is not None and not args.ignore_eos:
+        stop.add(eos)
+    return prompts, tokenizer, stop
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         model = load(args.model, device=args.device, dtype=args.dtype)
-        texts = read_prompts(args)
-        tokenizer, stop = None, set(args.stop_id)
-        if texts is not None:
-            tokenizer = load_tokenizer(args.model)
-            bos, eos = special_token_ids(args.model, tokenizer)
-            prompts = []
-            for i, text in enumerate(texts):
-                ids = tokenizer.encode(text, add_special_tokens=False).ids
-                if not ids:
-                    raise ValueError(f"prompt {i} ({text!r}) is empty: give some text")
-                prompts.append(ids if args.no_bos or bos is None else [bos, *ids])
-            if eos is not None and not args.ignore_eos:
-                stop.add(eos)
-        else:
-            prompts = []
-            for text in args.prompt_ids:
-                try:
-                    prompts.append([int(t) for t in text.replace(",", " ").split()])
-                except ValueError:
-                    raise ValueError(f"--prompt-ids {text!r}: give integers such as \"1 450 338\"") from None
+        prompts, tokenizer, stop = encode_prompts(args)
         check_prompts(prompts, model.args.vocab_size)
         result = run(model, prompts, args, stop, tokenizer)
     except (ModelFolderError, ValueError) as err:

@@ -110,8 +110,6 @@ def generate(
     new_tokens = 0
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        if step:
-            logits = model(next_token[:, None], caches=caches)[:, 0].float()
         next_token = sample(logits, temperature, top_k, top_p, generator)
         tokens.append(next_token)
         if return_logits:
@@ -121,8 +119,9 @@ def generate(
         if on_token is not None:
             on_token(step, next_token.tolist(), was_active)
         active = active & ~torch.isin(next_token, stop)
-        if not active.any():
+        if not active.any() or step == max_new_tokens - 1:
             break
+        logits = model(next_token[:, None], caches=caches)[:, 0].float()
     _sync(device)
     decode_s = time.perf_counter() - start
 

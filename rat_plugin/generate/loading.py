@@ -67,7 +67,9 @@ def load(
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as err:
-        raise ModelFolderError(f"cannot read {weights} ({err}): convert the checkpoint again") from None
+        raise ModelFolderError(
+            f"cannot read {weights} ({err}): convert the checkpoint again"
+        ) from None
     with torch.device("meta"):
         model = RATModel(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
