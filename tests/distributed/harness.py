@@ -45,6 +45,7 @@ class Case:
     tp: int = 1
     balancer: str | None = "headtail"  # torchtitan's CP load balancer (None: contiguous)
     loss_parallel: bool = True
+    no_exchange: bool = False  # negative control: CP ranks keep their own summaries / halos
 
     @property
     def world_size(self) -> int:
@@ -62,6 +63,7 @@ CASES = {
         Case("fsdp2xcp2", dp_shard=2, cp=2),
         Case("tp2xcp2", tp=2, cp=2),
         Case("hsdp2x2", dp_replicate=2, dp_shard=2),
+        Case("cp2-headtail-no-exchange", cp=2, no_exchange=True),
     )
 }
 KINDS = ("rat", "rat_swa")
@@ -150,6 +152,13 @@ def _parallelize(model, dims, case: Case) -> None:
         names = ["dp_replicate", "fsdp"] if dims.dp_replicate_enabled else ["fsdp"]
         apply_fsdp(model, dims.get_mesh(names), param_dtype=torch.float32,
                    reduce_dtype=torch.float32)
+        if torch.distributed.get_backend() == "gloo":  # also on GPU hosts running CPU ranks
+            from rat_plugin.infra import cpu
+
+            cpu.force_sum_reduction(model)
+    if case.no_exchange:
+        for block in model.layers.values():
+            block.mixer.summary_exchange = block.mixer.halo_attention = None
 
 
 def _local_batch(dims, case: Case, device, seq_len: int = SEQ_LEN):

@@ -13,9 +13,9 @@ from harness import CASES, KINDS, launch, reference
 
 pytestmark = pytest.mark.slow
 
-TWO_RANK = ["fsdp2", "tp2", "cp2-contiguous", "cp2-headtail"]
+TWO_RANK = ["fsdp2", "tp2", "cp2-contiguous", "cp2-headtail", "cp2-headtail-no-exchange"]
 FOUR_RANK = ["fsdp2xtp2", "fsdp2xcp2", "tp2xcp2", "hsdp2x2"]
-RUNS = [(name, kind) for name in TWO_RANK + FOUR_RANK for kind in KINDS]
+RUNS = [(n, kind) for n in TWO_RANK + FOUR_RANK if not CASES[n].no_exchange for kind in KINDS]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,16 @@ def test_matches_single_process(name, kind, request, references):
     first, last = got["grads"]
     assert_grads_match(first, ref["grads"][0], elementwise=True)
     assert_grads_match(last, ref["grads"][1], elementwise=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cp_without_exchange_differs(kind, two_ranks, references):
+    """Negative control: with the summary / halo exchange removed, CP ranks compute something
+    else, so the CP equalities above are not vacuous."""
+    got, ref = two_ranks[f"cp2-headtail-no-exchange-{kind}"], references[kind]
+    assert got["losses"] != pytest.approx(ref["losses"], rel=1e-4)  # 10x the tolerance
+    errors = [(got["grads"][0][n] - g).norm() / g.norm() for n, g in ref["grads"][0].items()]
+    assert max(errors) > 0.5
 
 
 def test_tp_grouped_qk_gradients_are_summed_over_ranks(two_ranks, references):
