@@ -29,5 +29,5 @@ train-debug: data
 		--local-ranks-filter 0 --role rank --tee 3 \
 		-m torchtitan.train --job.config_file $(CONFIG)
 
-test: install
+test: data
 	$(PYTHON) -m pytest -q

@@ -11,9 +11,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def debug_assets() -> Path:
-    """The debug corpus and tokenizer under REPO/assets (generated once, idempotent)."""
+    """The debug corpus and tokenizer under REPO/assets, generated (idempotently) before any
+    test runs: several test files read them."""
     from rat_plugin.data.prepare import prepare
 
     prepare(REPO / "assets")
