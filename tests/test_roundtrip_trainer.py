@@ -1,8 +1,8 @@
 """Round trip through the real trainer: train the debug model on 2 CPU ranks (FSDP2, then TP 2)
 with checkpointing on, convert the DCP checkpoints, and check the standalone model's logits
 against the trainer's model restored from the same checkpoint by torchtitan's own code path
-(its train spec's model class, ``ModelWrapper`` and DCP load). The reverse direction seeds a
-training run."""
+(its train spec's model class, ``ModelWrapper`` and DCP load). The TP run is seeded from a
+converted model through the reverse direction (standalone -> DCP)."""
 
 import os
 import subprocess
@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomli
 import torch
 import torch.distributed.checkpoint as dcp
-
 from safetensors.torch import load_file
 
 from rat_plugin.generate import generate, load
@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "tools"))
 from convert_checkpoint import main as convert_main  # noqa: E402
 
 SEQ_LEN = 64
+CONFIG = REPO / "train_configs" / "rat_debug.toml"
 
 
 def train(dump: Path, *options: str, steps: int = 2) -> None:
@@ -45,9 +46,10 @@ def train(dump: Path, *options: str, steps: int = 2) -> None:
 
 def trainer_model(step_dir: Path):
     """The RAT model as torchtitan builds and restores it (model-only load of a step folder)."""
-    import rat_plugin.train_spec  # noqa: F401  (registers the train specs)
     from torchtitan.components.checkpoint import ModelWrapper
     from torchtitan.protocols.train_spec import get_train_spec
+
+    import rat_plugin.train_spec  # noqa: F401  (registers the train specs)
 
     spec = get_train_spec("rat")
     args = spec.model_args["debugmodel"]
@@ -61,8 +63,7 @@ def trainer_model(step_dir: Path):
 
 
 def convert(step_dir: Path, out: Path, capsys) -> None:
-    argv = [str(step_dir), str(out), "--config", str(REPO / "train_configs" / "rat_debug.toml"),
-            "--seq-len", str(SEQ_LEN)]
+    argv = [str(step_dir), str(out), "--config", str(CONFIG), "--seq-len", str(SEQ_LEN)]
     assert convert_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "kind=rat flavor=debugmodel (from config" in out and "tokenizer: copied" in out
@@ -84,42 +85,53 @@ def check_same_logits(step_dir: Path, out: Path) -> torch.Tensor:
     return standalone.tok_embeddings.weight
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.parametrize(
-    "parallelism",
-    [
-        pytest.param([], id="fsdp2"),
-        pytest.param(["--parallelism.data_parallel_shard_degree", "1",
-                      "--parallelism.tensor_parallel_degree", "2"], id="tp2"),
-    ],
-)
-def test_trainer_checkpoint_converts_to_the_same_model(tmp_path, parallelism, capsys):
-    torch.set_num_threads(1)
-    train(tmp_path / "run", *parallelism)
-    steps = tmp_path / "run" / "checkpoint"
+def check_run(run: Path, tmp_path: Path, capsys) -> None:
+    """Both checkpoints of a run convert to the model torchtitan restores from them."""
     embeddings = []
     for step in ("step-1", "step-2"):  # full checkpoint (with optimizer etc.), then model-only
-        convert(steps / step, tmp_path / step, capsys)
-        embeddings.append(check_same_logits(steps / step, tmp_path / step))
+        out = tmp_path / f"{run.name}-{step}"
+        convert(run / "checkpoint" / step, out, capsys)
+        embeddings.append(check_same_logits(run / "checkpoint" / step, out))
     assert not torch.equal(*embeddings), "training did not change the weights between steps"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_converted_model_seeds_training(tmp_path, capsys):
-    """standalone -> DCP (--to-dcp) -> trainer's initial load -> one step at lr 0 -> its
-    checkpoint converts back to exactly the seed weights (a random init would not)."""
+def test_fsdp2_checkpoints_convert_to_the_trainer_model(tmp_path, capsys):
+    torch.set_num_threads(1)
+    train(tmp_path / "run")
+    check_run(tmp_path / "run", tmp_path, capsys)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_tp2_training_seeded_from_a_converted_model(tmp_path, capsys):
+    """A converted model, written back as DCP (--to-dcp), seeds a TP 2 run through
+    ``checkpoint.initial_load_path``; that run's checkpoints convert to the trainer's model, and
+    its first step moved every weight by at most one AdamW step from the seed
+    (|update| <= lr * (1 + weight_decay * |w|)), which a run from a fresh init would not be."""
+    torch.set_num_threads(1)
     torch.manual_seed(3)
     model = RATModel(make_args("rat", "debugmodel", max_seq_len=SEQ_LEN))
     model.init_weights()
     dcp.save(model.state_dict(), checkpoint_id=str(tmp_path / "orig"), no_dist=True)
     convert(tmp_path / "orig", tmp_path / "standalone", capsys)
     assert convert_main([str(tmp_path / "standalone"), str(tmp_path / "seed"), "--to-dcp"]) == 0
-    train(tmp_path / "run", "--checkpoint.initial_load_path", str(tmp_path / "seed"),
-          "--optimizer.lr", "0", steps=1)
-    convert(tmp_path / "run" / "checkpoint" / "step-1", tmp_path / "reloaded", capsys)
-    before = load_file(str(tmp_path / "standalone" / "model.safetensors"))
-    after = load_file(str(tmp_path / "reloaded" / "model.safetensors"))
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    train(tmp_path / "run", "--parallelism.data_parallel_shard_degree", "1",
+          "--parallelism.tensor_parallel_degree", "2",
+          "--checkpoint.initial_load_path", str(tmp_path / "seed"))
+    check_run(tmp_path / "run", tmp_path, capsys)
+
+    with open(CONFIG, "rb") as f:
+        optimizer = tomli.load(f)["optimizer"]
+    lr, decay = optimizer["lr"], optimizer["weight_decay"]
+    seed = load_file(str(tmp_path / "standalone" / "model.safetensors"))
+    step1 = load_file(str(tmp_path / "run-step-1" / "model.safetensors"))
+    assert seed.keys() == step1.keys()
+    moved = 0.0
+    for name, before in seed.items():
+        bound = lr * (1 + decay * before.abs()) * (1 + 1e-4) + 1e-7
+        change = (step1[name] - before).abs()
+        assert (change <= bound).all(), f"{name} moved {change.max():.2e} > one AdamW step"
+        moved = max(moved, float(change.max()))
+    assert moved > lr / 100, "the first step did not train"
