@@ -1,4 +1,4 @@
-"""Bytes one context-parallel rank sends per training step: RAT's summary all-gather vs ring attention.
+"""Bytes a context-parallel rank sends per training step: RAT summary all-gather vs ring attention.
 
     python tools/cp_traffic.py [--flavor 1.3B] [--seq-len 4096] [--cp 2 4 8] [--batch 1]
                                [--dtype bf16]
@@ -56,7 +56,9 @@ def rat_piece_bytes(args, seq_len: int, cp: int, batch: int, dtype: torch.dtype)
     return kv + chunks * torch.int64.itemsize, kv
 
 
-def ring_piece_bytes(args, seq_len: int, cp: int, batch: int, dtype: torch.dtype) -> tuple[int, int]:
+def ring_piece_bytes(
+    args, seq_len: int, cp: int, batch: int, dtype: torch.dtype
+) -> tuple[int, int]:
     """(forward, backward) bytes of one rank's local K and V (and dK, dV) in one layer."""
     kv = batch * (seq_len // cp) * args.n_heads * 2 * args.head_dim * dtype.itemsize
     return kv, 2 * kv
@@ -106,24 +108,34 @@ def main() -> None:
     if (measured["forward"], measured["backward"]) != formula:
         raise SystemExit("the formula does not match the instrumented exchange")
 
-    args = make_args("rat", a.flavor)
+    try:
+        args = make_args("rat", a.flavor)
+        args.check_seq_len(a.seq_len)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     dtype = DTYPES[a.dtype]
-    args.check_seq_len(a.seq_len)
     print(
         f"\n{a.flavor}: {args.n_layers} layers, H={args.n_heads}, d={args.head_dim}, "
         f"L={args.chunk_size}, T={a.seq_len}, batch {a.batch}/rank, {a.dtype} "
         f"(RAT summaries in {accumulation_dtype(dtype)}). Bytes sent per rank per step:"
     )
-    print(f"{'cp':>4} {'RAT fwd':>12} {'RAT bwd':>12} {'ring fwd':>12} {'ring bwd':>12} {'ring/RAT':>9}")
+    columns = ("RAT fwd", "RAT bwd", "ring fwd", "ring bwd")
+    print(f"{'cp':>4}" + "".join(f"{c:>13}" for c in columns) + f"{'ring/RAT':>10}")
     for cp in a.cp:
         if a.seq_len % (2 * cp * args.chunk_size):
             print(f"{cp:>4}  seq_len {a.seq_len} is not a multiple of 2*cp*L: skipped")
             continue
-        rat = [(cp - 1) * b * args.n_layers for b in rat_piece_bytes(args, a.seq_len, cp, a.batch, dtype)]
-        ring = [(cp - 1) * b * args.n_layers for b in ring_piece_bytes(args, a.seq_len, cp, a.batch, dtype)]
+        rat = [
+            (cp - 1) * b * args.n_layers
+            for b in rat_piece_bytes(args, a.seq_len, cp, a.batch, dtype)
+        ]
+        ring = [
+            (cp - 1) * b * args.n_layers
+            for b in ring_piece_bytes(args, a.seq_len, cp, a.batch, dtype)
+        ]
         print(
-            f"{cp:>4} {_fmt(rat[0]):>12} {_fmt(rat[1]):>12} {_fmt(ring[0]):>12} "
-            f"{_fmt(ring[1]):>12} {sum(ring) / sum(rat):>8.1f}x"
+            f"{cp:>4}" + "".join(f"{_fmt(b):>13}" for b in (*rat, *ring))
+            + f"{sum(ring) / sum(rat):>9.1f}x"
         )
 
 

@@ -20,6 +20,8 @@ Refused (a clear error, never wrong numbers): full-attention layers (the attenti
 would need ring attention.
 """
 
+import itertools
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
@@ -106,14 +108,16 @@ class HaloLayout:
         pos = _positions(args, kwargs)
         breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
         bounds = [0, *breaks, pos.numel()]
-        runs = list(zip(bounds[:-1], bounds[1:]))
+        runs = list(itertools.pairwise(bounds))
         # Ranks must send equally many tokens: cut every contiguous run into pieces of the
         # shortest run over the CP group (headtail: rank cp/2-1 holds two adjacent pieces).
         group = self.cp_mesh.get_group()
         piece = torch.tensor(min(end - start for start, end in runs), device=pos.device)
         dist.all_reduce(piece, op=dist.ReduceOp.MIN, group=group)
         piece = int(piece)
-        uneven = torch.tensor(int(any((end - start) % piece for start, end in runs)), device=pos.device)
+        uneven = torch.tensor(
+            int(any((end - start) % piece for start, end in runs)), device=pos.device
+        )
         dist.all_reduce(uneven, op=dist.ReduceOp.MAX, group=group)  # every rank raises alike
         if uneven:
             raise ConfigError(
@@ -123,7 +127,9 @@ class HaloLayout:
             )
         self.pieces = [(a, a + piece) for start, end in runs for a in range(start, end, piece)]
         tail = min(self.window, piece)
-        self.send = torch.cat([torch.arange(end - tail, end) for _, end in self.pieces]).to(pos.device)
+        self.send = torch.cat([torch.arange(end - tail, end) for _, end in self.pieces]).to(
+            pos.device
+        )
         gathered = pos.new_empty(self.send.numel() * self.cp_mesh.size())
         dist.all_gather_into_tensor(gathered, pos[self.send], group=group)
         self.halo, self.key_pos = [], []

@@ -113,7 +113,9 @@ def _linear_styles(enable_float8: bool):
     return colwise, rowwise
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, enable_float8: bool) -> None:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, enable_float8: bool
+) -> None:
     """Shard ``model`` (a RATModel, not yet FSDP-wrapped or compiled) over ``tp_mesh`` in place."""
     check_tp_degree(model.args, tp_mesh.size())
 
@@ -141,7 +143,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, loss_parallel: bool, enab
             "mixer_norm": SequenceParallel(),
             # mixer(u, positions, cache): only u is a DTensor.
             "mixer": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+                input_layouts=(Shard(1), None, None),
+                desired_input_layouts=(Replicate(), None, None),
             ),
             "mixer.wo": rowwise(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),

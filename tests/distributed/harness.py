@@ -113,7 +113,8 @@ def reference(kind: str) -> dict:
     for step in range(STEPS):
         optim.zero_grad()
         logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / labels.numel()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        loss = loss / labels.numel()
         loss.backward()
         losses.append(loss.item())
         if step in (0, STEPS - 1):
@@ -172,7 +173,9 @@ def _local_batch(dims, case: Case, device, seq_len: int = SEQ_LEN):
     inputs, labels = inputs.to(device), labels.to(device)
     kwargs = {}
     if dims.cp_enabled:
-        from torchtitan.distributed.context_parallel import prepare_context_parallel_input
+        from torchtitan.distributed.context_parallel import (
+            prepare_context_parallel_input,
+        )
 
         inputs, labels, kwargs = prepare_context_parallel_input(
             inputs, labels, {}, dims.get_mesh("cp"), device, case.balancer
@@ -262,7 +265,7 @@ def worker(rank: int, world_size: int, store: str, case_names: list[str], out: s
 
 
 def launch(world_size: int, case_names: list[str], timeout: float = 600.0) -> dict:
-    """Run ``case_names`` (CASES keys, or "errors") on ``world_size`` fresh ranks; rank 0's results."""
+    """Run ``case_names`` (CASES keys or "errors") on ``world_size`` new ranks: rank 0's results."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.pt")
         env = dict(os.environ, OMP_NUM_THREADS="1")

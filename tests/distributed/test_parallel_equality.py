@@ -8,7 +8,6 @@ per parameter; first step also element-wise against the tensor's largest entry).
 
 import pytest
 import torch
-
 from harness import CASES, KINDS, launch, reference
 
 pytestmark = pytest.mark.slow

@@ -5,9 +5,9 @@ import types
 
 import pytest
 import torch
+from harness import build_model, model_args
 from torch import nn
 
-from harness import build_model, model_args
 from rat_plugin.infra import ConfigError
 from rat_plugin.infra.context_parallel import PieceAlignmentCheck, apply_cp
 from rat_plugin.infra.float8 import float8_module_filter
