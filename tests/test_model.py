@@ -153,3 +153,14 @@ def test_cache_is_about_chunk_size_times_smaller_than_attention():
 def test_args_are_a_typed_dataclass_with_defaults():
     args = RATModelArgs()
     assert (args.dim, args.n_heads, args.head_dim, args.chunk_size) == (2048, 16, 128, 16)
+
+
+def test_logits_at_returns_the_requested_positions():
+    torch.manual_seed(0)
+    model = build().eval()
+    tokens = torch.randint(0, 100, (3, 40))
+    at = torch.tensor([0, 17, 39])
+    with torch.no_grad():
+        full = model(tokens)
+        picked = model(tokens, logits_at=at)
+    torch.testing.assert_close(picked, full[torch.arange(3), at], rtol=0, atol=1e-6)

@@ -100,7 +100,7 @@ def generate(
     _sync(device)
     start = time.perf_counter()
     caches = model.new_caches(lengths)
-    logits = _prefill(model, padded, caches, lengths - 1).float()
+    logits = model(padded, caches=caches, logits_at=lengths - 1).float()
     _sync(device)
     prefill_s = time.perf_counter() - start
 
@@ -142,16 +142,6 @@ def generate(
         cache_bytes_per_sequence=sum(cache.nbytes_per_sequence() for cache in caches),
     )
     return GenerationResult(result_tokens, stats, result_logits)
-
-
-def _prefill(model: RATModel, tokens: torch.Tensor, caches: list, last: torch.Tensor):
-    """RATModel.forward's prefill, with the LM head applied only at each prompt's last token
-    (full (batch, prompt, vocab) logits would dwarf the caches for long prompts)."""
-    h = model.tok_embeddings(tokens)
-    for layer, cache in zip(model.layers.values(), caches):
-        h = layer(h, None, cache)
-    h = h[torch.arange(h.shape[0], device=h.device), last]
-    return model.output(model.norm(h))
 
 
 def _cut(seq: list[int], stop: set[int]) -> list[int]:

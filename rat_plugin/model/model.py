@@ -88,18 +88,23 @@ class RATModel(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         caches: list | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).
 
         positions: global token positions (batch, seq) under context parallel.
         caches: from ``new_caches``; the first call with them prefills, later calls decode one
         token per sequence.
+        logits_at: (batch,) the one position per sequence whose logits are wanted, giving
+        (batch, vocab): a long prefill then never builds (batch, seq, vocab) logits.
         """
         if caches is not None and not caches[0].filled:
             self._check_tokens(tokens)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers.values()):
             h = layer(h, positions, None if caches is None else caches[i])
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]
         return self.output(self.norm(h))
 
     def new_caches(self, lengths: torch.Tensor) -> list:
