@@ -18,27 +18,60 @@ def chunk_scan(
     All inputs are (batch, seq, heads, head_dim); seq need not be a multiple of chunk_size.
     Returns (kt, vt) in the accumulation dtype, same shape as k.
 
-    Vectorised over chunks; the only Python loop runs over the chunk_size offsets.
+    Vectorised over chunks; the only Python loop runs over the chunk_size offsets, forward and
+    (hand-written, so autograd never zero-fills a full-size gradient per offset) backward.
     """
-    batch, seq_len, heads, head_dim = k.shape
+    seq_len = k.shape[1]
     acc = accumulation_dtype(k.dtype)
-    num_chunks = -(-seq_len // chunk_size)
-    pad = num_chunks * chunk_size - seq_len
-    # Keys and values share the gate: scan them together over the last dim.
-    x = torch.cat((k, v), dim=-1).to(acc)
-    gate = forget_gate.to(acc).repeat(1, 1, 1, 2)
+    # Keys and values share the gate: scan them together, stacked on a new axis.
+    x = torch.stack((k.to(acc), v.to(acc)), dim=-2)  # (B, T, H, 2, d)
+    gate = forget_gate.to(acc).unsqueeze(-2)  # (B, T, H, 1, d)
+    pad = -seq_len % chunk_size
     if pad:
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        gate = F.pad(gate, (0, 0, 0, 0, 0, pad))
-    x = x.view(batch, num_chunks, chunk_size, heads, 2 * head_dim)
-    gate = gate.view(batch, num_chunks, chunk_size, heads, 2 * head_dim)
+        x, gate = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (x, gate))
+    running = _ChunkScan.apply(x, gate, chunk_size)[:, :seq_len]
+    return running.unbind(-2)
 
-    state = x[:, :, 0] * (1 - gate[:, :, 0])  # previous state is zero at each chunk start
-    states = [state]
-    for offset in range(1, chunk_size):
-        # g * state + (1 - g) * x
-        state = torch.lerp(x[:, :, offset], state, gate[:, :, offset])
-        states.append(state)
-    running = torch.stack(states, dim=2).view(batch, num_chunks * chunk_size, heads, 2 * head_dim)
-    running = running[:, :seq_len]
-    return running[..., :head_dim], running[..., head_dim:]
+
+def _by_offset(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B, T, ...) -> contiguous (B, C, L, ...); [:, :, s] is offset s of every chunk.
+    Contiguity matters: with a (B, H, T, d) memory layout every offset slice is scattered."""
+    return x.contiguous().view(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+class _ChunkScan(torch.autograd.Function):
+    """The scan of stacked keys/values (B, T, H, 2, d) over whole chunks, with its reverse scan
+    as the backward."""
+
+    @staticmethod
+    def forward(ctx, x, gate, chunk_size):
+        x, gate = _by_offset(x, chunk_size), _by_offset(gate, chunk_size)
+        out = torch.empty_like(x)
+        # The previous state is zero at each chunk start: (1 - g) * x.
+        torch.mul(x[:, :, 0], 1 - gate[:, :, 0], out=out[:, :, 0])
+        for s in range(1, chunk_size):
+            # lerp(x, state, g) = g * state + (1 - g) * x
+            torch.lerp(x[:, :, s], out[:, :, s - 1], gate[:, :, s], out=out[:, :, s])
+        ctx.save_for_backward(x, gate, out)
+        return out.flatten(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, gate, out = ctx.saved_tensors
+        chunk_size = gate.shape[2]
+        grad = _by_offset(grad, chunk_size)
+        one_minus = 1 - gate
+        dx = torch.mul(grad, one_minus)  # the direct term; the carried term is added below
+        dgate = torch.empty_like(gate)
+        carry = None  # gradient reaching state s from state s + 1
+        for s in range(chunk_size - 1, -1, -1):
+            if carry is None:
+                total = grad[:, :, s]
+            else:
+                total = grad[:, :, s] + carry
+                dx[:, :, s].addcmul_(carry, one_minus[:, :, s])
+            # d state_s / d g_s = state_{s-1} - x_s
+            diff = out[:, :, s - 1] - x[:, :, s] if s else x[:, :, 0].neg()
+            torch.sum(total * diff, dim=-2, keepdim=True, out=dgate[:, :, s])
+            carry = total * gate[:, :, s]
+        return dx.flatten(1, 2), dgate.flatten(1, 2), None
