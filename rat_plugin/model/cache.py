@@ -59,8 +59,9 @@ class RATCache:
         )
         keys = apply_rope(k_state[:, last], cos[:, None], sin[:, None])
         # Slots past a sequence's own closed chunks hold padding; decode masks them by position.
-        self.keys = keys.transpose(1, 2).to(self.dtype)
-        self.values = v_state[:, last].transpose(1, 2).to(self.dtype)
+        # Contiguous (B, H, N, d): a transposed view would be copied again at every decode step.
+        self.keys = keys.transpose(1, 2).to(self.dtype).contiguous()
+        self.values = v_state[:, last].transpose(1, 2).to(self.dtype).contiguous()
         rows = torch.arange(batch, device=k_state.device)
         self.state_k = k_state[rows, lengths - 1]
         self.state_v = v_state[rows, lengths - 1]
@@ -136,8 +137,8 @@ class KVCache:
             slot_pos = last - (last - slots) % (self.window + 1)
         rows = torch.arange(batch, device=k.device)[:, None]
         index = slot_pos.clamp(min=0)
-        self.keys = k[rows, index].transpose(1, 2).to(self.dtype)
-        self.values = v[rows, index].transpose(1, 2).to(self.dtype)
+        self.keys = k[rows, index].transpose(1, 2).to(self.dtype).contiguous()
+        self.values = v[rows, index].transpose(1, 2).to(self.dtype).contiguous()
         self.slot_pos = slot_pos
         self.pos = lengths.clone()
 
