@@ -39,6 +39,21 @@ def time_ms(
     return times
 
 
+class Stopwatch:
+    """Seconds between laps, synchronised with the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        sync(device)
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        sync(self.device)
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -30,10 +30,12 @@ DEFAULTS = {
     # The paper: 262,144 tokens per step, T = 4K..256K, D = 2048, H = 16 (d = 128), bf16.
     "cuda": dict(dim=2048, heads=16, dtype="bf16", tokens=262144,
                  seq_lens=[4096, 8192, 16384, 32768, 65536, 131072, 262144],
+                 decode_positions=[4096, 8192, 16384, 32768, 65536, 131072],
                  decode_batch=16, warmup=3, repeats=10),
     # Small enough for a few minutes on 2 cores.
-    "cpu": dict(dim=256, heads=4, dtype="fp32", tokens=32768,
-                seq_lens=[4096, 8192, 16384, 32768], decode_batch=16, warmup=1, repeats=3),
+    "cpu": dict(dim=256, heads=4, dtype="fp32", tokens=16384, seq_lens=[4096, 8192, 16384],
+                decode_positions=[4096, 8192, 16384, 32768], decode_batch=16, warmup=1,
+                repeats=3),
 }
 MODES = ("train", "prefill", "decode")
 
@@ -236,11 +238,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=1024, help="SWA window")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (cpu fp32, cuda bf16)")
     parser.add_argument("--tokens", type=int, help="tokens per train/prefill step (batch * T)")
-    parser.add_argument("--seq-lens", type=int, nargs="+", help="T (and decode positions P)")
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="train/prefill lengths T")
+    parser.add_argument("--decode-positions", type=int, nargs="+", help="decode positions P")
     parser.add_argument("--decode-batch", type=int, help="sequences per decode step")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
-    parser.add_argument("--max-case-seconds", type=float, default=20.0,
+    parser.add_argument("--max-case-seconds", type=float, default=15.0,
                         help="stop repeating a case once its timed calls took this long")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
@@ -268,7 +271,7 @@ def main(argv=None) -> None:
     names = [n for n, _ in names_specs]
     setup = (f"D={opts.dim} H={opts.heads} d={opts.dim // opts.heads} G={opts.groups} "
              f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
-             f"{opts.decode_batch}, median of {opts.repeats} after {opts.warmup} warm-up")
+             f"{opts.decode_batch}, median of up to {opts.repeats} after {opts.warmup} warm-up")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"attention kernel: {backend}")
     print(f"block: {setup}", flush=True)
@@ -276,7 +279,7 @@ def main(argv=None) -> None:
     records = []
     with attention_kernel:
         for mode in opts.modes:
-            for seq_len in opts.seq_lens:
+            for seq_len in opts.decode_positions if mode == "decode" else opts.seq_lens:
                 for name, spec in names_specs:
                     record = run_case(name, spec, mode, seq_len, opts, device, dtype)
                     records.append(record)

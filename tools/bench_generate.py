@@ -1,0 +1,212 @@
+"""Whole-model generation speed, RAT against attention with the same backbone (paper Table 1).
+
+For rat, rat_swa, rat_attn and rat_attn_swa: the largest batch whose decode caches fit a memory
+budget (cuda: the largest that does not run out of memory), prefill of the prompt, then one-token
+decode steps (greedy); tokens/s = batch * generated tokens / time. Then the latency of one decode
+step at fixed batch at several positions (caches filled through their ``fill`` with random
+states, no quadratic prefill), with each model's cache bytes per sequence.
+
+    python tools/bench_generate.py --device cpu     # debugmodel, shortened prompt/generation
+    python tools/bench_generate.py --device cuda    # 1.3B, prompt 3072, generate 1024, bf16
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench_common as bench  # noqa: E402
+
+from rat_plugin.model.args import MODEL_KINDS, make_args  # noqa: E402
+from rat_plugin.model.cache import RATCache  # noqa: E402
+from rat_plugin.model.model import RATModel  # noqa: E402
+
+DEFAULTS = {
+    "cuda": dict(flavor="1.3B", dtype="bf16", prompt=3072, generate=1024, max_batch=1024,
+                 cache_budget_gib=None, positions=[4096, 8192, 16384, 32768], latency_batch=16),
+    "cpu": dict(flavor="debugmodel", dtype="fp32", prompt=1024, generate=128, max_batch=64,
+                cache_budget_gib=0.0625, positions=[4096, 8192, 16384, 32768], latency_batch=8),
+}
+
+
+def build_model(kind: str, flavor: str, device, dtype) -> RATModel:
+    torch.manual_seed(0)
+    model = RATModel(make_args(kind, flavor))
+    model.init_weights()
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def last_logits(model: RATModel, tokens: torch.Tensor, caches: list) -> torch.Tensor:
+    """The model's forward with caches, projecting only the last position to the vocabulary."""
+    h = model.tok_embeddings(tokens)
+    for layer, cache in zip(model.layers.values(), caches):
+        h = layer(h, None, cache)
+    return model.output(model.norm(h[:, -1:]))
+
+
+def generate(model: RATModel, batch: int, prompt: int, steps: int, device) -> dict:
+    """Greedy generation from random prompts; prefill and decode wall times."""
+    tokens = torch.randint(model.args.vocab_size, (batch, prompt), device=device)
+    with torch.inference_mode():
+        caches = model.new_caches(torch.full((batch,), prompt, device=device))
+        timer = bench.Stopwatch(device)
+        next_token = last_logits(model, tokens, caches).argmax(-1)
+        prefill_s = timer.lap()
+        for _ in range(steps - 1):
+            next_token = last_logits(model, next_token, caches).argmax(-1)
+        decode_s = timer.lap()
+    return dict(prefill_s=prefill_s, decode_s=decode_s,
+                cache_bytes_per_sequence=cache_bytes(caches))
+
+
+def cache_bytes(caches: list) -> int:
+    return sum(cache.nbytes_per_sequence() for cache in caches)
+
+
+def filled_caches(model: RATModel, batch: int, position: int, spare: int, device) -> list:
+    """Caches holding ``position`` tokens per sequence, room for ``spare`` more."""
+    args = model.args
+    caches = model.new_caches(torch.full((batch,), position, device=device))
+    dtype = model.tok_embeddings.weight.dtype
+    for cache in caches:
+        held, state_dtype = position + spare, dtype
+        if isinstance(cache, RATCache):
+            held = -(-held // args.chunk_size) * args.chunk_size
+            state_dtype = torch.promote_types(dtype, torch.float32)
+        shape = (batch, held, args.n_heads, args.head_dim)
+        cache.fill(torch.randn(shape, device=device, dtype=state_dtype),
+                   torch.randn(shape, device=device, dtype=state_dtype))
+    return caches
+
+
+def fitting_batch(model, opts, device) -> int:
+    """Largest batch (power of two, at most max_batch) whose caches at the final position fit
+    the budget; on cuda without a budget, the largest whose generation runs without OOM."""
+    final = opts.prompt + opts.generate
+    if opts.cache_budget_gib is not None:
+        per_sequence = cache_bytes(filled_caches(model, 1, final, 0, device))
+        fits = int(opts.cache_budget_gib * 2**30 // per_sequence)
+        batch = 1
+        while batch * 2 <= min(fits, opts.max_batch):
+            batch *= 2
+        return batch
+    batch, best = 1, 0
+    while batch <= opts.max_batch:
+        try:
+            generate(model, batch, opts.prompt, 2, device)
+            caches = filled_caches(model, batch, final, 0, device)
+            del caches
+            best, batch = batch, batch * 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    if not best:
+        raise SystemExit("batch 1 does not fit on this GPU: use a smaller --flavor")
+    return best
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=list(MODEL_KINDS))
+    parser.add_argument("--flavor", help="model size (cpu debugmodel, cuda 1.3B)")
+    parser.add_argument("--dtype", help="fp32, bf16 or fp16 (cpu fp32, cuda bf16)")
+    parser.add_argument("--prompt", type=int, help="prompt tokens (cpu 1024, cuda 3072)")
+    parser.add_argument("--generate", type=int, help="generated tokens (cpu 128, cuda 1024)")
+    parser.add_argument("--max-batch", type=int)
+    parser.add_argument("--cache-budget-gib", type=float,
+                        help="memory the decode caches may use (cpu 1/16 GiB; cuda: until OOM)")
+    parser.add_argument("--positions", type=int, nargs="+", help="decode latency positions")
+    parser.add_argument("--latency-batch", type=int, help="batch of the latency measurement")
+    parser.add_argument("--latency-steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
+    opts = parser.parse_args(argv)
+    device = bench.parse_device(opts.device)
+    for key, value in DEFAULTS[device.type].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    dtype = bench.parse_dtype(opts.dtype)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    info = bench.machine_info(device)
+    budget = ("until out of memory" if opts.cache_budget_gib is None
+              else f"caches within {opts.cache_budget_gib:g} GiB")
+    setup = (f"flavor {opts.flavor} {opts.dtype}, prompt {opts.prompt}, generate "
+             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}")
+    print(f"machine: {bench.describe_machine(info)}")
+    print(f"generation: {setup}")
+    if device.type == "cpu":
+        print("(CPU run: a small flavor and a shortened prompt/generation, not the paper's 1.3B "
+              "model with prompt 3072 and 1024 generated tokens)")
+
+    throughput, latency = [], []
+    for kind in opts.kinds:
+        model = build_model(kind, opts.flavor, device, dtype)
+        batch = fitting_batch(model, opts, device)
+        generate(model, min(batch, 2), min(opts.prompt, 64), 2, device)  # warm-up
+        run = generate(model, batch, opts.prompt, opts.generate, device)
+        run.update(kind=kind, batch=batch,
+                   decode_tokens_per_s=batch * (opts.generate - 1) / run["decode_s"],
+                   total_tokens_per_s=batch * opts.generate / (run["prefill_s"] + run["decode_s"]))
+        throughput.append(run)
+        print(f"  {kind:13s} batch {batch:5d}  {run['total_tokens_per_s']:9.1f} tok/s "
+              f"(decode only {run['decode_tokens_per_s']:.1f})", flush=True)
+        for position in opts.positions:
+            try:
+                caches = filled_caches(model, opts.latency_batch, position, opts.latency_steps + 1,
+                                       device)
+                token = torch.randint(model.args.vocab_size, (opts.latency_batch, 1), device=device)
+                with torch.inference_mode():
+                    times = bench.time_ms(lambda: last_logits(model, token, caches), device,
+                                          warmup=1, repeats=opts.latency_steps)
+                ms, nbytes = bench.median(times), cache_bytes(caches)
+            except torch.OutOfMemoryError:
+                ms, nbytes = None, None
+            latency.append(dict(kind=kind, position=position, batch=opts.latency_batch, ms=ms,
+                                cache_bytes_per_sequence=nbytes))
+            print(f"  {kind:13s} decode step at {position:6d}: {bench.fmt_ms(ms)} ms", flush=True)
+        del model
+
+    baseline = {"rat": "rat_attn", "rat_swa": "rat_attn_swa"}
+    by_kind = {r["kind"]: r for r in throughput}
+    t_headers = ["model", "batch", "tokens/s", "decode-only tokens/s", "vs attention",
+                 "cache bytes/seq at end"]
+    t_rows = []
+    for r in throughput:
+        base = by_kind.get(baseline.get(r["kind"], ""))
+        ratio = "-" if base is None else bench.fmt_ratio(r["total_tokens_per_s"],
+                                                         base["total_tokens_per_s"])
+        t_rows.append([r["kind"], str(r["batch"]), f"{r['total_tokens_per_s']:.1f}",
+                       f"{r['decode_tokens_per_s']:.1f}", ratio,
+                       f"{r['cache_bytes_per_sequence']:,}"])
+    l_headers = ["model", "position", "batch", "step ms", "attention/this", "cache bytes/seq"]
+    l_rows = []
+    for r in latency:
+        base = next((b for b in latency if b["kind"] == baseline.get(r["kind"])
+                     and b["position"] == r["position"]), None)
+        l_rows.append([r["kind"], str(r["position"]), str(r["batch"]), bench.fmt_ms(r["ms"]),
+                       bench.fmt_ratio(base["ms"], r["ms"]) if base else "-",
+                       "-" if r["cache_bytes_per_sequence"] is None
+                       else f"{r['cache_bytes_per_sequence']:,}"])
+    print()
+    print(bench.text_table(t_headers, t_rows))
+    print()
+    print(bench.text_table(l_headers, l_rows))
+    command = "python tools/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = opts.out_dir
+    bench.write_json(out / f"bench_generate_{device.type}.json",
+                     dict(tool="bench_generate", command=command, machine=info, setup=setup,
+                          throughput=throughput, latency=latency))
+    bench.write_text(out / f"bench_generate_{device.type}.md",
+                     f"Machine: {bench.describe_machine(info)}  \nGeneration: {setup}  \n"
+                     f"Command: `{command}`\n\n" + bench.markdown_table(t_headers, t_rows)
+                     + "\n\n" + bench.markdown_table(l_headers, l_rows) + "\n")
+    print(f"wrote {out / f'bench_generate_{device.type}.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()
