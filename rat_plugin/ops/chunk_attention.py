@@ -4,7 +4,7 @@ import torch
 
 # Queries per block (fewer when the block's scores would exceed _BLOCK_ELEMENTS): small enough
 # that skipping the summaries no query of a block sees saves about half the score matrix.
-_BLOCK_QUERIES = 256
+_BLOCK_QUERIES = 1024
 _BLOCK_ELEMENTS = 1 << 22
 
 
