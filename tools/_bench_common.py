@@ -22,19 +22,23 @@ def time_ms(
     warmup: int,
     repeats: int,
     max_seconds: float = float("inf"),
+    min_seconds: float = 0.0,
+    max_repeats: int = 100,
 ) -> list[float]:
-    """Wall times (ms) of ``repeats`` calls after ``warmup`` calls; stops repeating (keeping at
-    least one timing) once the timed calls have used ``max_seconds``."""
+    """Wall times (ms) of calls after ``warmup`` calls: at least ``repeats`` of them, more (up to
+    ``max_repeats``) while they total under ``min_seconds`` (cheap calls get a robust median on
+    a shared machine), fewer (at least one) once they total over ``max_seconds``."""
     for _ in range(warmup):
         fn()
     sync(device)
     times: list[float] = []
-    while len(times) < max(1, repeats):
+    while len(times) < max_repeats:
         start = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-        if sum(times) > max_seconds * 1e3:
+        total = sum(times) / 1e3
+        if total > max_seconds or (len(times) >= repeats and total >= min_seconds):
             break
     return times
 

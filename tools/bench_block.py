@@ -38,6 +38,7 @@ DEFAULTS = {
                 repeats=3),
 }
 MODES = ("train", "prefill", "decode")
+MAX_REPEATS = 50
 
 
 class MixerBlock(nn.Module):
@@ -162,7 +163,7 @@ def run_case(name, spec, mode, seq_len, opts, device, dtype) -> dict:
     try:
         if mode == "decode":
             batch = opts.decode_batch
-            steps = opts.warmup + opts.repeats
+            steps = opts.warmup + MAX_REPEATS
             cache = filled_cache(block, batch, seq_len, steps, device, dtype)
             step = decode_step(block, cache, batch, opts.dim, device, dtype)
             record["cache_bytes_per_sequence"] = cache.nbytes_per_sequence()
@@ -175,7 +176,8 @@ def run_case(name, spec, mode, seq_len, opts, device, dtype) -> dict:
             else:
                 step = prefill_step(block, x)
         record["batch"] = batch
-        times = bench.time_ms(step, device, opts.warmup, opts.repeats, opts.max_case_seconds)
+        times = bench.time_ms(step, device, opts.warmup, opts.repeats, opts.max_case_seconds,
+                              opts.min_case_seconds, MAX_REPEATS)
     except torch.OutOfMemoryError:
         record.update(ms=None, error="out of memory")
         torch.cuda.empty_cache()
@@ -245,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--max-case-seconds", type=float, default=15.0,
                         help="stop repeating a case once its timed calls took this long")
+    parser.add_argument("--min-case-seconds", type=float, default=2.0,
+                        help=f"repeat cheap cases (up to {MAX_REPEATS} times) this long")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
     opts = parser.parse_args(argv)
@@ -271,7 +275,9 @@ def main(argv=None) -> None:
     names = [n for n, _ in names_specs]
     setup = (f"D={opts.dim} H={opts.heads} d={opts.dim // opts.heads} G={opts.groups} "
              f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
-             f"{opts.decode_batch}, median of up to {opts.repeats} after {opts.warmup} warm-up")
+             f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
+             f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
+             f"{opts.warmup} warm-up")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"attention kernel: {backend}")
     print(f"block: {setup}", flush=True)
