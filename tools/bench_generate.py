@@ -11,6 +11,7 @@ states, no quadratic prefill), with each model's cache bytes per sequence.
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -161,15 +162,14 @@ def main(argv=None) -> None:
                                        device)
                 token = torch.randint(model.args.vocab_size, (opts.latency_batch, 1), device=device)
                 with torch.inference_mode():
-                    times = bench.time_ms(lambda: last_logits(model, token, caches), device,
-                                          warmup=1, repeats=opts.latency_steps)
+                    step = functools.partial(last_logits, model, token, caches)
+                    times = bench.time_ms(step, device, warmup=1, repeats=opts.latency_steps)
                 ms, nbytes = bench.median(times), cache_bytes(caches)
             except torch.OutOfMemoryError:
                 ms, nbytes = None, None
             latency.append(dict(kind=kind, position=position, batch=opts.latency_batch, ms=ms,
                                 cache_bytes_per_sequence=nbytes))
             print(f"  {kind:13s} decode step at {position:6d}: {bench.fmt_ms(ms)} ms", flush=True)
-        del model
 
     baseline = {"rat": "rat_attn", "rat_swa": "rat_attn_swa"}
     by_kind = {r["kind"]: r for r in throughput}

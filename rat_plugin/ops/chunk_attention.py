@@ -36,11 +36,13 @@ def chunk_attention(
         return _dense_chunk_attention(
             q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale
         )
-    if summary_chunk.dim() == 1 and summary_chunk.numel() > 1:
-        if bool((summary_chunk[1:] < summary_chunk[:-1]).any()):  # e.g. gathered CP pieces
-            order = torch.argsort(summary_chunk, stable=True)
-            summary_k, summary_v = summary_k[:, :, order], summary_v[:, :, order]
-            summary_chunk = summary_chunk[order]
+    unsorted = summary_chunk.dim() == 1 and summary_chunk.numel() > 1 and bool(
+        (summary_chunk[1:] < summary_chunk[:-1]).any()
+    )
+    if unsorted:  # e.g. gathered context-parallel pieces
+        order = torch.argsort(summary_chunk, stable=True)
+        summary_k, summary_v = summary_k[:, :, order], summary_v[:, :, order]
+        summary_chunk = summary_chunk[order]
     blocks = _query_blocks(q.shape, query_chunk, summary_chunk)
     out = _BlockedChunkAttention.apply(
         q, k_state, v_state, summary_k, summary_v, query_chunk, summary_chunk, scale, blocks
