@@ -20,6 +20,8 @@ def chunk_scan(
 
     Vectorised over chunks; the only Python loop runs over the chunk_size offsets, forward and
     (hand-written, so autograd never zero-fills a full-size gradient per offset) backward.
+    Under torch.compile the same recurrence runs as plain traceable ops (the eager Function
+    writes into views with ``out=``, which dynamo cannot trace), so fullgraph compile works.
     """
     seq_len = k.shape[1]
     acc = accumulation_dtype(k.dtype)
@@ -29,7 +31,8 @@ def chunk_scan(
     pad = -seq_len % chunk_size
     if pad:
         x, gate = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (x, gate))
-    running = _ChunkScan.apply(x, gate, chunk_size)[:, :seq_len]
+    scan = _traced_scan if torch.compiler.is_compiling() else _ChunkScan.apply
+    running = scan(x, gate, chunk_size)[:, :seq_len]
     return running.unbind(-2)
 
 
@@ -37,6 +40,17 @@ def _by_offset(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """(B, T, ...) -> contiguous (B, C, L, ...); [:, :, s] is offset s of every chunk.
     Contiguity matters: with a (B, H, T, d) memory layout every offset slice is scattered."""
     return x.contiguous().view(x.shape[0], -1, chunk_size, *x.shape[2:])
+
+
+def _traced_scan(x: torch.Tensor, gate: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """_ChunkScan's forward as out-of-place ops; autograd derives the backward."""
+    x, gate = _by_offset(x, chunk_size), _by_offset(gate, chunk_size)
+    state = x[:, :, 0] * (1 - gate[:, :, 0])
+    states = [state]
+    for s in range(1, chunk_size):
+        state = torch.lerp(x[:, :, s], state, gate[:, :, s])
+        states.append(state)
+    return torch.stack(states, dim=2).flatten(1, 2)
 
 
 class _ChunkScan(torch.autograd.Function):
