@@ -7,9 +7,12 @@ embedding is tied to the LM head, so ``tok_embeddings``, ``norm`` and ``output``
 root unit together (torchtitan's ``apply_fsdp`` shards the embedding on its own, which would
 split the tied weight across two units).
 
-Compile is per block with ``fullgraph=True``: the GPU kernels (Triton scan, flex attention) trace
-without graph breaks (docs/gpu_fast_path.md); the portable CPU path does not, so the CPU debug
-configs leave compile off.
+Compile is per block with ``fullgraph=True`` (llama3's ``apply_compile``, backend from
+``[compile] backend``) on both paths: the GPU kernels (Triton scan, flex attention) are traceable
+custom ops (docs/gpu_fast_path.md), and the portable ops run plain tensor ops while
+``torch.compiler.is_compiling()`` (their eager autograd Functions write into views and pick query
+blocks from tensor values, which dynamo cannot trace). tests/test_trainer_parallel.py checks
+compile and AC against the eager losses through the trainer.
 
 Context parallel: torchtitan 0.2.2's trainer only shards the batch and passes ``positions``;
 it never enters torch's SDPA ring-attention context by itself (that happens only if a
@@ -32,7 +35,7 @@ from torchtitan.models.llama3.infra.parallelize import (
 )
 from torchtitan.tools.logging import logger
 
-from rat_plugin.infra import cpu
+from rat_plugin.infra import ConfigError, cpu
 
 # Selective op AC keeps these outputs (and every other matmul) instead of recomputing them.
 _OP_SAC_SAVE_LIST = {
@@ -46,6 +49,10 @@ _OP_SAC_SAVE_LIST = {
 
 def parallelize_rat(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     """torchtitan ``parallelize_fn`` for the RAT family (model on meta, weights not yet init)."""
+    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    if compile_model:
+        check_compile(parallel_dims, job_config.compile.backend)
+
     if parallel_dims.tp_enabled:
         from rat_plugin.infra.tensor_parallel import apply_tp
 
@@ -60,7 +67,6 @@ def parallelize_rat(model: nn.Module, parallel_dims: ParallelDims, job_config: J
         )
         maybe_enable_async_tp(job_config, tp_mesh)
 
-    compile_model = job_config.compile.enable and "model" in job_config.compile.components
     if job_config.activation_checkpoint.mode != "none":
         apply_ac(
             model,
@@ -91,6 +97,22 @@ def parallelize_rat(model: nn.Module, parallel_dims: ParallelDims, job_config: J
     elif parallel_dims.dp_replicate_enabled:
         apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
     return model
+
+
+def check_compile(parallel_dims: ParallelDims, backend: str) -> None:
+    """Refuse compiled blocks under TP on CPU ranks, where torch's AOTAutograd crashes in backward.
+
+    A compiled region between sequence-parallel layers fails there: DTensor's ``Redistribute``
+    backward receives a plain tensor (``'Tensor' object has no attribute '_local_tensor'``). This
+    happens with torchtitan's own llama3 and with a toy embedding/Linear model too, under
+    aot_eager and inductor alike. Dynamo alone (backend "eager") runs. Untested on GPUs.
+    """
+    if parallel_dims.tp_enabled and cpu.cpu_mode() and backend != "eager":
+        raise ConfigError(
+            f"compile.backend={backend!r} with tensor_parallel_degree > 1 crashes in backward on "
+            f"CPU ranks (torch {torch.__version__}: AOTAutograd and DTensor): set compile.enable "
+            "= false or tensor_parallel_degree = 1"
+        )
 
 
 def apply_fsdp(

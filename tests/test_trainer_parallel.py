@@ -1,0 +1,150 @@
+"""Parallel plans, compile and activation checkpointing through torchtitan's own trainer
+(``torchrun -m torchtitan.train``): each run starts from one seed checkpoint and must log the same
+per-step losses as one process running none of them, within 1e-4.
+
+Sharded runs draw a different random init, so a single-process run first writes a seed checkpoint
+(``--checkpoint.create_seed_checkpoint``) and every run loads it
+(``--checkpoint.initial_load_path``). TP and CP keep data parallelism at 1, so every run reads the
+same batches in the same order (``debug.deterministic``, seed 42). The one-process run of each
+config is computed once and shared by all its comparisons.
+
+Compile with TP is refused on CPU ranks (torch's AOTAutograd crashes in DTensor's backward
+there); the last test checks that refusal.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import launch, tb_losses
+
+from rat_plugin.infra import ConfigError
+from rat_plugin.infra.parallelize import check_compile
+
+STEPS = 4
+TOLERANCE = 1e-4
+# seq_len 128: CP 2 (headtail) cuts it into 4 pieces of 32 tokens, i.e. 2 whole chunks each.
+SHAPE = ("--training.local_batch_size=2", "--training.seq_len=128", "--metrics.log_freq=1")
+
+TP2, CP2 = "--parallelism.tensor_parallel_degree=2", "--parallelism.context_parallel_degree=2"
+# compile uses aot_eager: the same dynamo trace (fullgraph) and autograd graph as inductor, without
+# a C++ build of every kernel, which takes about a minute per run on 2 CPU cores.
+COMPILE = ("--compile.enable", "--compile.components=model,loss", "--compile.backend=aot_eager")
+FULL_AC = ("--activation_checkpoint.mode=full",)
+LAYER_AC, OP_AC = (
+    ("--activation_checkpoint.mode=selective", f"--activation_checkpoint.selective_ac_option={o}")
+    for o in ("2", "op")
+)
+COMPILED = "Compiling each TransformerBlock"
+FULL_LOG, SELECTIVE_LOG = (f"Applied {m} activation checkpointing" for m in ("full", "selective"))
+
+
+@dataclass(frozen=True)
+class Case:
+    config: str
+    options: tuple[str, ...]
+    expect: tuple[str, ...]  # lines the run's log must contain
+    nproc: int = 1
+
+
+PARALLEL = {
+    "rat-tp2": Case("rat_debug.toml", (TP2,), ("cp=1, tp=2, ep=1",), nproc=2),
+    "rat-cp2-headtail": Case("rat_debug.toml", (CP2,), ("cp=2, tp=1, ep=1",), nproc=2),
+    # RAT-SWA's window layers need the previous 64 tokens: a halo from the other CP rank.
+    "rat_swa-cp2-headtail": Case("rat_swa_debug.toml", (CP2,), ("cp=2, tp=1, ep=1",), nproc=2),
+    # The 1.3B recipe's compile and AC on a CP run (whose weights FSDP2 shards over the CP ranks).
+    "rat_swa-cp2-headtail+compile+ac-selective-op": Case(
+        "rat_swa_debug.toml", (CP2, *COMPILE, *OP_AC),
+        ("cp=2, tp=1, ep=1", "Applied FSDP", COMPILED, SELECTIVE_LOG), nproc=2,
+    ),
+}
+COMPILE_AC = {
+    "compile": Case("rat_debug.toml", COMPILE, (COMPILED,)),
+    "ac-full": Case("rat_debug.toml", FULL_AC, (FULL_LOG,)),
+    "ac-selective-layer": Case("rat_debug.toml", LAYER_AC, (SELECTIVE_LOG,)),
+    "ac-selective-op": Case("rat_debug.toml", OP_AC, (SELECTIVE_LOG,)),
+    "compile+ac-selective-op": Case(
+        "rat_debug.toml", (*COMPILE, *OP_AC), (COMPILED, SELECTIVE_LOG)
+    ),
+}
+
+
+class Runs:
+    """Launches trainer runs under one folder; seeds and one-process references are cached."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._seeds: dict[str, Path] = {}
+        self._references: dict[str, dict[int, float]] = {}
+
+    def seed(self, config: str) -> Path:
+        if config not in self._seeds:
+            dump = self.root / f"seed-{config}"
+            run = launch(config, dump, *SHAPE, "--checkpoint.enable",
+                         "--checkpoint.create_seed_checkpoint",
+                         "--parallelism.data_parallel_shard_degree=1", nproc=1)
+            assert run.returncode == 0, run.stdout[-4000:]
+            self._seeds[config] = dump / "checkpoint" / "step-0"
+            assert (self._seeds[config] / ".metadata").is_file()
+        return self._seeds[config]
+
+    def losses(self, name: str, config: str, *options: str, nproc: int = 1,
+               expect: tuple[str, ...] = ()) -> dict[int, float]:
+        """Per-step global losses (TensorBoard, full precision) of a run from the seed."""
+        dump = self.root / name
+        seed = self.seed(config)
+        run = launch(config, dump, *SHAPE, f"--training.steps={STEPS}",
+                     "--parallelism.data_parallel_shard_degree=1", "--checkpoint.enable",
+                     "--checkpoint.load_only", f"--checkpoint.initial_load_path={seed}",
+                     *options, nproc=nproc)
+        assert run.returncode == 0, run.stdout[-4000:]
+        assert f"Loading the checkpoint from {seed}" in run.stdout
+        for line in expect:
+            assert line in run.stdout, f"{line!r} not in the log of {name}"
+        losses = tb_losses(dump)
+        assert sorted(losses) == list(range(1, STEPS + 1))
+        return losses
+
+    def reference(self, config: str) -> dict[int, float]:
+        if config not in self._references:
+            losses = self.losses(f"one-{config}", config, expect=("cp=1, tp=1",))
+            assert losses[STEPS] < losses[1] - 0.5, losses  # the steps really train
+            self._references[config] = losses
+        return self._references[config]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Runs:
+    return Runs(tmp_path_factory.mktemp("trainer_parallel"))
+
+
+def assert_same_losses(name: str, case: Case, runs: Runs) -> None:
+    want = runs.reference(case.config)
+    got = runs.losses(name, case.config, *case.options, nproc=case.nproc, expect=case.expect)
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= TOLERANCE, f"losses {got} vs one process {want}: differ by {worst:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", list(PARALLEL))
+def test_parallel_run_logs_the_one_process_losses(name, runs):
+    assert_same_losses(name, PARALLEL[name], runs)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", list(COMPILE_AC))
+def test_compile_and_ac_log_the_eager_losses(name, runs):
+    assert_same_losses(name, COMPILE_AC[name], runs)
+
+
+def test_compile_with_tp_on_cpu_is_refused():
+    """torch's AOTAutograd crashes in DTensor backward there (parallelize.check_compile)."""
+    tp = SimpleNamespace(tp_enabled=True)
+    with pytest.raises(ConfigError, match="set compile.enable = false or tensor_parallel_degree"):
+        check_compile(tp, "inductor")
+    check_compile(tp, "eager")  # dynamo alone runs
+    check_compile(SimpleNamespace(tp_enabled=False), "inductor")
