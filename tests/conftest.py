@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,15 @@ def debug_assets() -> Path:
 
     prepare(REPO / "assets")
     return REPO / "assets"
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (small models run faster without OpenMP hand-offs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, timeout=300):

@@ -29,16 +29,10 @@ from rat_plugin.model import RATModel, make_args
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from convert_checkpoint import main as convert_main  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 quiet = dict(log=lambda _: None)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model_of(kind: str, seed: int = 0, **overrides) -> RATModel:

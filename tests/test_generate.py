@@ -13,6 +13,8 @@ from rat_plugin.generate import ModelFolderError, cache_bytes, generate, load
 from rat_plugin.generate.__main__ import main as generate_main
 from rat_plugin.model import RATModel, make_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 WINDOW = 8  # small SWA window so the ring buffer wraps within the test
 # The debugmodel flavor made smaller (2 layers: RAT, then SWA for rat_swa) to keep CPU time low;
@@ -30,14 +32,6 @@ def build(kind: str, seed: int = 0, **overrides) -> RATModel:
     model = RATModel(small_args(kind, **overrides))
     model.init_weights()
     return model.eval()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["rat", "rat_swa"])
