@@ -58,3 +58,17 @@ def window_attention_loop(q, k, v, window, rope_base=10000.0):
         weights = torch.softmax(logits / math.sqrt(d), dim=-1)
         outs.append(sum(weights[..., j, None] * v[:, first + j] for j in range(t + 1 - first)))
     return torch.stack(outs, dim=1)
+
+
+def assert_matches_loop_oracle(mixing, inputs, chunk_size, atol=1e-10):
+    """``mixing(*inputs, chunk_size)`` equals ``rat_mixing_loop`` in its values and in the
+    gradients of every input (q, k, v, gate, each requiring grad) under a random loss weight."""
+    out = mixing(*inputs, chunk_size)
+    expected = rat_mixing_loop(*inputs, chunk_size)
+    torch.testing.assert_close(out, expected, rtol=0, atol=atol)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+    grads = torch.autograd.grad((out * weight).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * weight).sum(), inputs)
+    for name, got, want in zip(("q", "k", "v", "forget_gate"), grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"grad of {name}")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oracle import rat_mixing_loop, rotate, window_attention_loop
+from oracle import assert_matches_loop_oracle, rat_mixing_loop, rotate, window_attention_loop
 from rat_plugin.ops import chunk_scan, rat_mixing
 from rat_plugin.ops.window_attention import window_attention
 
@@ -39,14 +39,7 @@ def test_matches_loop_oracle(batch, seq_len, heads, head_dim, chunk_size):
 )
 def test_gradients_match_oracle(batch, seq_len, heads, head_dim, chunk_size):
     inputs = [t.requires_grad_() for t in random_inputs(batch, seq_len, heads, head_dim, seed=1)]
-    weight = torch.randn(batch, seq_len, heads, head_dim, dtype=torch.float64)
-    (rat_mixing(*inputs, chunk_size) * weight).sum().backward()
-    grads = [t.grad.clone() for t in inputs]
-    for t in inputs:
-        t.grad = None
-    (rat_mixing_loop(*inputs, chunk_size) * weight).sum().backward()
-    for name, got, t in zip("q k v forget_gate".split(), grads, inputs):
-        torch.testing.assert_close(got, t.grad, rtol=0, atol=1e-10, msg=f"grad of {name}")
+    assert_matches_loop_oracle(rat_mixing, inputs, chunk_size)
 
 
 def test_chunk_size_one_is_causal_attention_over_gated_inputs():
@@ -120,11 +113,6 @@ def test_window_attention_matches_loop_oracle(window, seq_len):
 
 def test_fullgraph_compile_matches_eager():
     """The portable path traces without graph breaks (per-block compile uses fullgraph=True)."""
-    q, k, v, gate = (t.requires_grad_() for t in random_inputs(2, 70, 2, 8))
+    inputs = [t.requires_grad_() for t in random_inputs(2, 70, 2, 8)]
     compiled = torch.compile(rat_mixing, fullgraph=True, backend="aot_eager")
-    out = compiled(q, k, v, gate, 16)
-    grads = torch.autograd.grad(out.sum(), (q, k, v, gate))
-    expected = rat_mixing_loop(q, k, v, gate, 16)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    for got, want in zip(grads, torch.autograd.grad(expected.sum(), (q, k, v, gate))):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    assert_matches_loop_oracle(compiled, inputs, 16)

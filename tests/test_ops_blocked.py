@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rat_plugin.ops import rat_mixing
-from tests.oracle import rat_mixing_loop
+from oracle import assert_matches_loop_oracle
 
 chunk_attention_module = importlib.import_module("rat_plugin.ops.chunk_attention")
 
@@ -23,14 +23,7 @@ def test_blocked_mixing_matches_loop_oracle(small_blocks, seq_len, chunk_size):
     shape = (2, seq_len, 2, 4)
     q, k, v = (torch.randn(shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
     gate = torch.rand(shape, dtype=torch.float64).requires_grad_()
-    out = rat_mixing(q, k, v, gate, chunk_size)
-    expected = rat_mixing_loop(q, k, v, gate, chunk_size)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
-    weight = torch.randn_like(out)
-    grads = torch.autograd.grad((out * weight).sum(), (q, k, v, gate))
-    expected_grads = torch.autograd.grad((expected * weight).sum(), (q, k, v, gate))
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-10)
+    assert_matches_loop_oracle(rat_mixing, [q, k, v, gate], chunk_size)
 
 
 @pytest.mark.parametrize("summary_kind", ["unsorted", "per_sequence", "sorted"])
