@@ -72,13 +72,17 @@ def _query_blocks(shape, query_chunk, summary_chunk) -> list[tuple[int, int, int
     return [(s, min(s + size, seq_len), f, n) for s, f, n in zip(starts, full, seen)]
 
 
+def _earlier(query_chunk: torch.Tensor, summary_chunk: torch.Tensor) -> torch.Tensor:
+    """Which summaries each query sees: (T, N), or (B, 1, T, N) for per-sequence indices."""
+    earlier = summary_chunk.unsqueeze(-2) < query_chunk.unsqueeze(-1)
+    return earlier.unsqueeze(1) if earlier.dim() == 3 else earlier
+
+
 def _block_scores(q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen):
     """Masked scores (B, H, block, seen) of queries start:end against the first seen summaries."""
     scores = torch.matmul(q_scaled[:, :, start:end], summary_k[:, :, :seen].transpose(-1, -2))
     if full < seen:
-        visible = summary_chunk[..., None, full:seen] < query_chunk[..., start:end, None]
-        if visible.dim() == 3:  # per-sequence chunk indices
-            visible = visible[:, None]
+        visible = _earlier(query_chunk[..., start:end], summary_chunk[..., full:seen])
         scores[..., full:].masked_fill_(~visible, float("-inf"))
     return scores
 
@@ -165,10 +169,7 @@ def _dense_chunk_attention(
 ):
     """The whole (seq x summaries) score matrix at once: the traceable formula for compile."""
     scores = torch.matmul(q, summary_k.transpose(-1, -2)) * scale  # (B, H, T, N)
-    earlier = summary_chunk.unsqueeze(-2) < query_chunk.unsqueeze(-1)  # ([B,] T, N)
-    if earlier.dim() == 3:
-        earlier = earlier.unsqueeze(1)
-    scores = scores.masked_fill(~earlier, float("-inf"))
+    scores = scores.masked_fill(~_earlier(query_chunk, summary_chunk), float("-inf"))
     own = (q * k_state).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
     probs = torch.softmax(torch.cat((scores, own), dim=-1), dim=-1)
     num_summaries = summary_k.shape[-2]
