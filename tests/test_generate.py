@@ -58,9 +58,10 @@ def test_cached_generation_equals_full_recomputation(kind):
 
 
 def expected_layer_bytes(kind_of_layer: str, P: int, H: int, d: int, L: int, W: int, itemsize: int):
-    """DESIGN.md section 3, written out independently of rat_plugin.generate.memory."""
+    """DESIGN.md section 3 in our slot layout (the current chunk's rotated state takes a slot),
+    written out independently of rat_plugin.generate.memory."""
     if kind_of_layer == "rat":
-        return 2 * H * d * ((P - 1) // L) * itemsize + 2 * H * d * 4
+        return 2 * H * d * -(-P // L) * itemsize + 2 * H * d * 4
     if kind_of_layer == "attention":
         return 2 * H * d * P * itemsize
     return 2 * H * d * min(P, W + 1) * itemsize
@@ -84,10 +85,10 @@ def test_cache_bytes_per_sequence_match_formula(kind, dtype):
 
     with torch.no_grad():
         for prompt_len in (1, L - 1, L, L + 1, 3 * L + 5):  # after prefill
-            caches = model.new_caches(torch.tensor([prompt_len]))
+            caches = model.new_caches(torch.tensor([prompt_len]), max_len=prompt_len)
             model(torch.randint(0, args.vocab_size, (1, prompt_len)), caches=caches)
             check(caches, prompt_len)
-        caches = model.new_caches(torch.tensor([1]))
+        caches = model.new_caches(torch.tensor([1]), max_len=2 * L + 2)
         model(torch.randint(0, args.vocab_size, (1, 1)), caches=caches)
         for P in range(2, 2 * L + 3):  # decoding across two chunk ends and the window
             model(torch.randint(0, args.vocab_size, (1, 1)), caches=caches)
@@ -273,6 +274,6 @@ def test_cache_memory_tool_prints_the_1p3b_figures(monkeypatch, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("1.3B: 24 layers, H=16, d=128, L=16")
     row = out[2].split()
-    # rat 48.2 MiB (24 * (2*16*128*255*2 + 2*16*128*4) bytes), attention 768 MiB: ratio ~L.
-    assert row[:3] == ["4096", "48.2", "MiB"] and row[5:7] == ["768.0", "MiB"]
+    # rat 48.4 MiB (24 * (2*16*128*256*2 + 2*16*128*4) bytes), attention 768 MiB: ratio ~L.
+    assert row[:3] == ["4096", "48.4", "MiB"] and row[5:7] == ["768.0", "MiB"]
     assert float(row[-1]) == pytest.approx(15.9, abs=0.05)

@@ -97,7 +97,7 @@ def test_out_of_vocab_tokens_are_rejected_when_generating():
     model = build()
     tokens = torch.tensor([[1, 2, 5000]])
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 2048\), got \[1, 5000\]"):
-        model(tokens, caches=model.new_caches(torch.tensor([3])))
+        model(tokens, caches=model.new_caches(torch.tensor([3]), max_len=8))
 
 
 CHUNK = 16
@@ -115,7 +115,7 @@ def test_prefill_then_decode_matches_full_forward(kind, prompt_len):
     lengths = torch.tensor([prompt_len, max(prompt_len - 3, 1)])  # a batch of mixed lengths
     with torch.no_grad():
         full = model(tokens)
-        caches = model.new_caches(lengths)
+        caches = model.new_caches(lengths, max_len=total)
         prefill = model(tokens[:, :prompt_len], caches=caches)
         for b, length in enumerate(lengths.tolist()):
             torch.testing.assert_close(prefill[b, :length], full[b, :length], rtol=0, atol=1e-5)
@@ -128,7 +128,7 @@ def test_prefill_then_decode_matches_full_forward(kind, prompt_len):
 
 def test_decode_step_takes_one_token():
     model = build()
-    caches = model.new_caches(torch.tensor([4]))
+    caches = model.new_caches(torch.tensor([4]), max_len=8)
     model(torch.ones(1, 4, dtype=torch.long), caches=caches)
     with pytest.raises(ValueError, match="one token per sequence"):
         model(torch.ones(1, 2, dtype=torch.long), caches=caches)
@@ -139,12 +139,12 @@ def test_cache_is_about_chunk_size_times_smaller_than_attention():
     sizes = {}
     for kind in ("rat", "rat_attn"):
         model = build(kind).eval()
-        caches = model.new_caches(torch.tensor([200]))
+        caches = model.new_caches(torch.tensor([200]), max_len=200)
         with torch.no_grad():
             model(torch.randint(0, 100, (1, 200)), caches=caches)
         sizes[kind] = sum(c.nbytes_per_sequence() for c in caches)
     args = make_args("rat", "debugmodel")
-    per_layer_rat = 2 * args.dim * ((200 - 1) // CHUNK) * 4 + 2 * args.dim * 4
+    per_layer_rat = 2 * args.dim * -(-200 // CHUNK) * 4 + 2 * args.dim * 4
     assert sizes["rat"] == args.n_layers * per_layer_rat
     assert sizes["rat_attn"] == args.n_layers * 2 * args.dim * 200 * 4
     assert sizes["rat_attn"] / sizes["rat"] > CHUNK * 0.75

@@ -8,16 +8,16 @@ from rat_plugin.model import RATModelArgs
 def layer_cache_bytes(args: RATModelArgs, layer_id: int, position: int, dtype: torch.dtype) -> int:
     """Bytes one sequence's cache of layer ``layer_id`` holds after ``position`` tokens.
 
-    RAT: 2*H*d values per closed chunk (floor((P-1)/L) of them: the current chunk, even when
-    full, is still the running state) in ``dtype``, plus the 2*H*d running state in fp32.
+    RAT: 2*H*d values per chunk so far (ceil(P/L) slots: the closed chunks' summaries and the
+    current chunk's rotated running state) in ``dtype``, plus the 2*H*d running state in fp32.
     Attention: 2*H*d*P. Sliding window W: 2*H*d*min(P, W+1).
     """
     per_token = 2 * args.n_heads * args.head_dim
     kind = args.layer_mixer(layer_id)
     if kind == "rat":
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        closed = max(position - 1, 0) // args.chunk_size
-        return per_token * (closed * dtype.itemsize + state_dtype.itemsize)
+        chunks = -(-position // args.chunk_size)
+        return per_token * (chunks * dtype.itemsize + state_dtype.itemsize)
     held = position if kind == "attention" else min(position, args.swa_window + 1)
     return per_token * held * dtype.itemsize
 

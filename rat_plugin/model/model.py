@@ -107,9 +107,10 @@ class RATModel(nn.Module):
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]
         return self.output(self.norm(h))
 
-    def new_caches(self, lengths: torch.Tensor) -> list:
-        """Empty per-layer decode caches for prompts of the given lengths (batch,)."""
-        return [layer.mixer.new_cache(lengths) for layer in self.layers.values()]
+    def new_caches(self, lengths: torch.Tensor, max_len: int) -> list:
+        """Empty per-layer decode caches for prompts of the given lengths (batch,), holding up
+        to ``max_len`` tokens (prompt plus generated) per sequence."""
+        return [layer.mixer.new_cache(lengths, max_len) for layer in self.layers.values()]
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.args.vocab_size):

@@ -5,8 +5,8 @@ from torch import nn
 
 from rat_plugin.model.args import RATModelArgs
 from rat_plugin.model.cache import RATCache
-from rat_plugin.ops.chunk_attention import chunk_attention
 from rat_plugin.ops.chunk_scan import accumulation_dtype
+from rat_plugin.ops.decode_attention import decode_attention
 from rat_plugin.ops.mixing import SummaryExchange, rat_mixing, rat_mixing_with_states
 from rat_plugin.ops.rope import apply_rope, rope_angles
 
@@ -81,25 +81,18 @@ class RAT(nn.Module):
             )
         return self.wo(output_gate * out.reshape(batch, seq_len, -1))
 
-    def new_cache(self, lengths: torch.Tensor) -> RATCache:
-        return RATCache(lengths, self.chunk_size, self.rope_base, self.wv.weight.dtype)
+    def new_cache(self, lengths: torch.Tensor, max_len: int) -> RATCache:
+        return RATCache(lengths, max_len, self.chunk_size, self.rope_base, self.wv.weight.dtype)
 
     def _decode_step(self, q, k, v, forget_gate, cache: RATCache) -> torch.Tensor:
         if q.shape[1] != 1:
             raise ValueError(f"decode steps take one token per sequence, got {q.shape[1]}")
+        chunk = cache.update(k[:, 0], v[:, 0], forget_gate[:, 0])  # (B,)
         acc = accumulation_dtype(q.dtype)
-        chunk, k_state, v_state = cache.update(k[:, 0], v[:, 0], forget_gate[:, 0])  # (B, H, d)
         cos, sin = rope_angles(chunk, self.head_dim, self.rope_base, acc)
-        q_rot = apply_rope(q[:, 0].to(acc), cos[:, None], sin[:, None])
-        num_slots = cache.keys.shape[2]
-        out = chunk_attention(
-            q_rot[:, :, None],
-            k_state[:, :, None],
-            v_state[:, :, None],
-            chunk[:, None],
-            cache.keys.to(acc),
-            cache.values.to(acc),
-            torch.arange(num_slots, device=q.device),
-            scale=self.head_dim**-0.5,
-        )  # (B, H, 1, d)
-        return out.transpose(1, 2).to(q.dtype)
+        q_rot = apply_rope(q[:, 0].to(acc), cos[:, None], sin[:, None]).to(cache.dtype)
+        # Slots 0..chunk: the earlier chunks' summaries, then the token's own running state.
+        out = decode_attention(
+            q_rot, cache.keys, cache.values, chunk + 1, scale=self.head_dim**-0.5
+        )  # (B, H, d)
+        return out[:, None].to(q.dtype)

@@ -1,11 +1,11 @@
 """Sliding-window attention (window None: full causal attention, the baseline mixer)."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rat_plugin.model.cache import KVCache
 from rat_plugin.ops.chunk_scan import accumulation_dtype
+from rat_plugin.ops.decode_attention import decode_attention
 from rat_plugin.ops.rope import apply_rope, rope_angles
 from rat_plugin.ops.window_attention import window_attention
 
@@ -60,13 +60,11 @@ class SlidingWindowAttention(nn.Module):
         if cache is not None and cache.filled:
             if seq_len != 1:
                 raise ValueError(f"decode steps take one token per sequence, got {seq_len}")
-            visible = cache.update(k[:, 0], v[:, 0])  # (B, slots)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                cache.keys.to(q.dtype),
-                cache.values.to(q.dtype),
-                attn_mask=visible[:, None, None, :],
-            )
+            visible = cache.update(k[:, 0], v[:, 0])  # (B,) slots seen, a prefix
+            out = decode_attention(
+                q[:, 0].to(cache.dtype), cache.keys, cache.values, visible,
+                scale=self.head_dim**-0.5,
+            )[:, :, None].to(q.dtype)  # (B, H, 1, d)
         else:
             if cache is not None:
                 cache.fill(k, v)
@@ -77,5 +75,5 @@ class SlidingWindowAttention(nn.Module):
                 out = window_attention(q, k, v, self.window)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
-    def new_cache(self, lengths: torch.Tensor) -> KVCache:
-        return KVCache(lengths, self.window, self.wv.weight.dtype)
+    def new_cache(self, lengths: torch.Tensor, max_len: int) -> KVCache:
+        return KVCache(lengths, max_len, self.window, self.wv.weight.dtype)
