@@ -21,9 +21,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 
+from rat_plugin.generate.step import capture_cuda_graph  # noqa: E402
 from rat_plugin.model import swa as swa_module  # noqa: E402
 from rat_plugin.model.args import RATModelArgs  # noqa: E402
 from rat_plugin.model.rat import RAT  # noqa: E402
+from rat_plugin.ops.decode_attention import decode_backend  # noqa: E402
 from rat_plugin.model.swa import SlidingWindowAttention  # noqa: E402
 
 DEFAULTS = {
@@ -122,37 +124,36 @@ def prefill_step(block: MixerBlock, x: torch.Tensor):
 
     def step():
         with torch.inference_mode():
-            block(x, block.mixer.new_cache(lengths))
+            block(x, block.mixer.new_cache(lengths, x.shape[1]))
 
     return step
 
 
 def filled_cache(block: MixerBlock, batch: int, position: int, steps: int, device, dtype):
     """A cache holding ``position`` tokens per sequence, filled through the cache's own
-    ``fill`` with random states (no quadratic prefill); sized for ``steps`` more tokens so no
-    timed step reallocates it."""
+    ``fill`` with random states (no quadratic prefill), with room for ``steps`` more."""
     mixer = block.mixer
     heads, head_dim = mixer.wv.out_features // mixer.head_dim, mixer.head_dim
-    cache = mixer.new_cache(torch.full((batch,), position, device=device))
-    held = position + steps
-    if isinstance(mixer, RAT):
-        held = -(-held // mixer.chunk_size) * mixer.chunk_size
-        state_dtype = torch.promote_types(dtype, torch.float32)
-    else:
-        state_dtype = dtype
-    shape = (batch, held, heads, head_dim)
+    cache = mixer.new_cache(torch.full((batch,), position, device=device), position + steps)
+    state_dtype = torch.promote_types(dtype, torch.float32) if isinstance(mixer, RAT) else dtype
+    shape = (batch, position, heads, head_dim)
     cache.fill(torch.randn(shape, device=device, dtype=state_dtype),
                torch.randn(shape, device=device, dtype=state_dtype))
     return cache
 
 
-def decode_step(block: MixerBlock, cache, batch: int, dim: int, device, dtype):
+def decode_step(block: MixerBlock, cache, batch: int, dim: int, device, dtype, cuda_graph: bool):
+    """One decode step of the block; with ``cuda_graph`` a replay of it captured once (every
+    replay rewrites the same position, like the eager steps' slots past the filled ones)."""
     token = torch.randn(batch, 1, dim, device=device, dtype=dtype)
 
     def step():
         with torch.inference_mode():
             block(token, cache)
 
+    if cuda_graph:
+        snapshot = cache.snapshot()
+        return capture_cuda_graph(step, lambda: cache.restore(snapshot), device)
     return step
 
 
@@ -165,7 +166,7 @@ def run_case(name, spec, mode, seq_len, opts, device, dtype) -> dict:
             batch = opts.decode_batch
             steps = opts.warmup + MAX_REPEATS
             cache = filled_cache(block, batch, seq_len, steps, device, dtype)
-            step = decode_step(block, cache, batch, opts.dim, device, dtype)
+            step = decode_step(block, cache, batch, opts.dim, device, dtype, opts.cuda_graph)
             record["cache_bytes_per_sequence"] = cache.nbytes_per_sequence()
         else:
             batch = max(1, opts.tokens // seq_len)
@@ -229,6 +230,12 @@ def plot(records: list[dict], names: list[str], modes: list[str], title: str, pa
     return True
 
 
+def decode_kernel(device, dtype, opts) -> str:
+    """What a decode step's attention runs on (rat_plugin.ops.decode_attention)."""
+    q = torch.empty(1, 1, opts.dim // opts.heads, device=device, dtype=dtype)
+    return {"flash": "flash-attn kv-cache", "sdpa": "SDPA"}[decode_backend(q)]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -243,6 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", type=int, nargs="+", help="train/prefill lengths T")
     parser.add_argument("--decode-positions", type=int, nargs="+", help="decode positions P")
     parser.add_argument("--decode-batch", type=int, help="sequences per decode step")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time decode steps as CUDA-graph replays (cuda only)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--max-case-seconds", type=float, default=15.0,
@@ -260,6 +269,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--dim {opts.dim} must split into --heads {opts.heads} even head dims")
     if opts.heads % opts.groups:
         parser.error(f"--groups {opts.groups} must divide --heads {opts.heads}")
+    if opts.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
     return opts
 
 
@@ -277,7 +288,8 @@ def main(argv=None) -> None:
              f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
              f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
              f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
-             f"{opts.warmup} warm-up")
+             f"{opts.warmup} warm-up; decode attention {decode_kernel(device, dtype, opts)}"
+             f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"attention kernel: {backend}")
     print(f"block: {setup}", flush=True)

@@ -8,6 +8,7 @@ states, no quadratic prefill), with each model's cache bytes per sequence.
 
     python tools/bench_generate.py --device cpu     # debugmodel, shortened prompt/generation
     python tools/bench_generate.py --device cuda    # 1.3B, prompt 3072, generate 1024, bf16
+    python tools/bench_generate.py --device cuda --cuda-graph   # decode steps as graph replays
 """
 
 import argparse
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bench_common as bench  # noqa: E402
 
+from rat_plugin.generate.step import DecodeStep  # noqa: E402
 from rat_plugin.model.args import MODEL_KINDS, make_args  # noqa: E402
 from rat_plugin.model.cache import RATCache  # noqa: E402
 from rat_plugin.model.model import RATModel  # noqa: E402
@@ -39,24 +41,20 @@ def build_model(kind: str, flavor: str, device, dtype) -> RATModel:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def last_logits(model: RATModel, tokens: torch.Tensor, caches: list) -> torch.Tensor:
-    """The model's forward with caches, projecting only the last position to the vocabulary."""
-    h = model.tok_embeddings(tokens)
-    for layer, cache in zip(model.layers.values(), caches):
-        h = layer(h, None, cache)
-    return model.output(model.norm(h[:, -1:]))
-
-
-def generate(model: RATModel, batch: int, prompt: int, steps: int, device) -> dict:
-    """Greedy generation from random prompts; prefill and decode wall times."""
+def generate(model: RATModel, batch: int, prompt: int, steps: int, device,
+             cuda_graph: bool = False) -> dict:
+    """Greedy generation from random prompts; prefill and decode wall times (decode includes
+    the CUDA-graph capture)."""
     tokens = torch.randint(model.args.vocab_size, (batch, prompt), device=device)
+    lengths = torch.full((batch,), prompt, device=device)
     with torch.inference_mode():
-        caches = model.new_caches(torch.full((batch,), prompt, device=device))
+        caches = model.new_caches(lengths, prompt + steps - 1)
         timer = bench.Stopwatch(device)
-        next_token = last_logits(model, tokens, caches).argmax(-1)
+        next_token = model(tokens, caches=caches, logits_at=lengths - 1).argmax(-1)
         prefill_s = timer.lap()
+        step = DecodeStep(model, caches, cuda_graph)
         for _ in range(steps - 1):
-            next_token = last_logits(model, next_token, caches).argmax(-1)
+            next_token = step(next_token).argmax(-1)
         decode_s = timer.lap()
     return dict(prefill_s=prefill_s, decode_s=decode_s,
                 cache_bytes_per_sequence=cache_bytes(caches))
@@ -69,14 +67,12 @@ def cache_bytes(caches: list) -> int:
 def filled_caches(model: RATModel, batch: int, position: int, spare: int, device) -> list:
     """Caches holding ``position`` tokens per sequence, room for ``spare`` more."""
     args = model.args
-    caches = model.new_caches(torch.full((batch,), position, device=device))
+    caches = model.new_caches(torch.full((batch,), position, device=device), position + spare)
     dtype = model.tok_embeddings.weight.dtype
     for cache in caches:
-        held, state_dtype = position + spare, dtype
-        if isinstance(cache, RATCache):
-            held = -(-held // args.chunk_size) * args.chunk_size
-            state_dtype = torch.promote_types(dtype, torch.float32)
-        shape = (batch, held, args.n_heads, args.head_dim)
+        rat = isinstance(cache, RATCache)
+        state_dtype = torch.promote_types(dtype, torch.float32) if rat else dtype
+        shape = (batch, position, args.n_heads, args.head_dim)
         cache.fill(torch.randn(shape, device=device, dtype=state_dtype),
                    torch.randn(shape, device=device, dtype=state_dtype))
     return caches
@@ -96,7 +92,7 @@ def fitting_batch(model, opts, device) -> int:
     batch, best = 1, 0
     while batch <= opts.max_batch:
         try:
-            generate(model, batch, opts.prompt, 2, device)
+            generate(model, batch, opts.prompt, 2, device, opts.cuda_graph)
             caches = filled_caches(model, batch, final, 0, device)
             del caches
             best, batch = batch, batch * 2
@@ -123,6 +119,8 @@ def main(argv=None) -> None:
     parser.add_argument("--positions", type=int, nargs="+", help="decode latency positions")
     parser.add_argument("--latency-batch", type=int, help="batch of the latency measurement")
     parser.add_argument("--latency-steps", type=int, default=5)
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="decode by CUDA-graph replays (cuda only)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
     opts = parser.parse_args(argv)
@@ -131,13 +129,16 @@ def main(argv=None) -> None:
         if getattr(opts, key) is None:
             setattr(opts, key, value)
     dtype = bench.parse_dtype(opts.dtype)
+    if opts.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     info = bench.machine_info(device)
     budget = ("until out of memory" if opts.cache_budget_gib is None
               else f"caches within {opts.cache_budget_gib:g} GiB")
     setup = (f"flavor {opts.flavor} {opts.dtype}, prompt {opts.prompt}, generate "
-             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}")
+             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}"
+             f"{', decode by CUDA-graph replays' if opts.cuda_graph else ''}")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"generation: {setup}")
     if device.type == "cpu":
@@ -148,8 +149,8 @@ def main(argv=None) -> None:
     for kind in opts.kinds:
         model = build_model(kind, opts.flavor, device, dtype)
         batch = fitting_batch(model, opts, device)
-        generate(model, min(batch, 2), min(opts.prompt, 64), 2, device)  # warm-up
-        run = generate(model, batch, opts.prompt, opts.generate, device)
+        generate(model, min(batch, 2), min(opts.prompt, 64), 2, device, opts.cuda_graph)  # warm-up
+        run = generate(model, batch, opts.prompt, opts.generate, device, opts.cuda_graph)
         run.update(kind=kind, batch=batch,
                    decode_tokens_per_s=batch * (opts.generate - 1) / run["decode_s"],
                    total_tokens_per_s=batch * opts.generate / (run["prefill_s"] + run["decode_s"]))
@@ -160,9 +161,9 @@ def main(argv=None) -> None:
             try:
                 caches = filled_caches(model, opts.latency_batch, position, opts.latency_steps + 1,
                                        device)
-                token = torch.randint(model.args.vocab_size, (opts.latency_batch, 1), device=device)
+                token = torch.randint(model.args.vocab_size, (opts.latency_batch,), device=device)
                 with torch.inference_mode():
-                    step = functools.partial(last_logits, model, token, caches)
+                    step = functools.partial(DecodeStep(model, caches, opts.cuda_graph), token)
                     times = bench.time_ms(step, device, warmup=1, repeats=opts.latency_steps)
                 ms, nbytes = bench.median(times), cache_bytes(caches)
             except torch.OutOfMemoryError:

@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: stored dtype")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture the decode step once and replay it (CUDA only)")
     return parser.parse_args(argv)
 
 
@@ -123,7 +125,7 @@ def run(model, prompts, args, stop, tokenizer):
         print(printed, end="", flush=True)
     result = generate(
         model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-        args.seed, stop, on_token=stream if single else None,
+        args.seed, stop, on_token=stream if single else None, cuda_graph=args.cuda_graph,
     )
     if single and show(shown) != printed:
         sys.stdout.write(show(shown)[len(printed):] if show(shown).startswith(printed) else "")

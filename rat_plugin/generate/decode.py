@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from rat_plugin.generate.sampling import check_sampling, sample
+from rat_plugin.generate.step import DecodeStep
 from rat_plugin.model import RATModel
 
 
@@ -72,6 +73,7 @@ def generate(
     stop_tokens: Iterable[int] = (),
     return_logits: bool = False,
     on_token: Callable[[int, list[int], list[bool]], None] | None = None,
+    cuda_graph: bool = False,
 ) -> GenerationResult:
     """Continue every prompt (a list of token ids; lengths may differ) by up to
     ``max_new_tokens`` tokens, not capped at the training length.
@@ -79,7 +81,8 @@ def generate(
     temperature 0 is greedy; otherwise sample with optional top-k / top-p, reproducibly when
     ``seed`` is given. A sequence stops after emitting one of ``stop_tokens``. ``on_token(step,
     tokens, active)`` is called after each step with every sequence's new token and whether that
-    sequence was still generating (for streaming).
+    sequence was still generating (for streaming). ``cuda_graph`` (CUDA only) captures the
+    decode step once and replays it for every token (see ``DecodeStep``).
     """
     prompts = check_prompts(prompts, model.args.vocab_size)
     if max_new_tokens < 0:
@@ -91,38 +94,41 @@ def generate(
         generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
-    batch = len(prompts)
+    batch, longest = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    padded = torch.zeros(batch, int(lengths.max()), dtype=torch.long, device=device)
+    padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):
         padded[i, : len(prompt)] = torch.tensor(prompt, device=device)
 
     _sync(device)
     start = time.perf_counter()
-    caches = model.new_caches(lengths)
+    # The last new token is returned, never fed back: the caches hold one token less.
+    caches = model.new_caches(lengths, max_len=longest + max(max_new_tokens - 1, 0))
     logits = model(padded, caches=caches, logits_at=lengths - 1).float()
     _sync(device)
     prefill_s = time.perf_counter() - start
 
     tokens, step_logits = [], []
     active = torch.ones(batch, dtype=torch.bool, device=device)
-    new_tokens = 0
+    emitted = torch.zeros(batch, dtype=torch.long, device=device)
     start = time.perf_counter()
+    decode_step = DecodeStep(model, caches, cuda_graph) if max_new_tokens > 1 else None
     for step in range(max_new_tokens):
         next_token = sample(logits, temperature, top_k, top_p, generator)
         tokens.append(next_token)
         if return_logits:
             step_logits.append(logits)
-        was_active = active.tolist()
-        new_tokens += sum(was_active)
+        emitted += active
         if on_token is not None:
-            on_token(step, next_token.tolist(), was_active)
+            on_token(step, next_token.tolist(), active.tolist())
         active = active & ~torch.isin(next_token, stop)
-        if not active.any() or step == max_new_tokens - 1:
+        # Without stop tokens nothing is read back to the host between steps.
+        if step == max_new_tokens - 1 or (stop.numel() and not active.any()):
             break
-        logits = model(next_token[:, None], caches=caches)[:, 0].float()
+        logits = decode_step(next_token)
     _sync(device)
     decode_s = time.perf_counter() - start
+    new_tokens = int(emitted.sum())
 
     out = torch.stack(tokens, dim=1).tolist() if tokens else [[] for _ in prompts]
     result_tokens = [_cut(seq, set(stop.tolist())) for seq in out]
