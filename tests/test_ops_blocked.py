@@ -26,10 +26,10 @@ def test_blocked_mixing_matches_loop_oracle(small_blocks, seq_len, chunk_size):
     assert_matches_loop_oracle(rat_mixing, [q, k, v, gate], chunk_size)
 
 
-@pytest.mark.parametrize("summary_kind", ["unsorted", "per_sequence", "sorted"])
+@pytest.mark.parametrize("summary_kind", ["unsorted", "sorted"])
 def test_blocked_chunk_attention_matches_dense(small_blocks, summary_kind):
-    """Unsorted summaries (gathered CP pieces), per-sequence chunk indices (decode) and the
-    sorted prefix case give the dense formula's values and gradients."""
+    """Unsorted summaries (gathered CP pieces) and the sorted prefix case give the dense
+    formula's values and gradients."""
     torch.manual_seed(0)
     batch, heads, seq_len, num_summaries, head_dim = 2, 1, 40, 5, 2
     q, k_state, v_state = (
@@ -43,10 +43,9 @@ def test_blocked_chunk_attention_matches_dense(small_blocks, summary_kind):
     )
     summary_chunk = {
         "unsorted": torch.randperm(num_summaries),
-        "per_sequence": torch.randint(0, num_summaries, (batch, num_summaries)),
         "sorted": torch.arange(num_summaries),
     }[summary_kind]
-    query_chunk = torch.randint(0, num_summaries + 1, (batch, seq_len))
+    query_chunk = torch.randint(0, num_summaries + 1, (seq_len,))
 
     def blocked(*tensors):
         q, k_state, v_state, summary_k, summary_v = tensors

@@ -22,8 +22,8 @@ def chunk_attention(
 
     q, k_state, v_state: (batch, heads, seq, head_dim); q and k_state already rotated.
     summary_k, summary_v: (batch, heads, num_summaries, head_dim); summary_k rotated.
-    query_chunk: (seq,) or (batch, seq) chunk index of each query.
-    summary_chunk: (num_summaries,) or (batch, num_summaries) chunk index of each summary.
+    query_chunk: (seq,) chunk index of each query.
+    summary_chunk: (num_summaries,) chunk index of each summary, in any order.
     The own state is always in the softmax, so no row is ever fully masked (no NaN).
     Returns (batch, heads, seq, head_dim) in the dtype of q.
 
@@ -36,9 +36,7 @@ def chunk_attention(
         return _dense_chunk_attention(
             q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale
         )
-    unsorted = summary_chunk.dim() == 1 and summary_chunk.numel() > 1 and bool(
-        (summary_chunk[1:] < summary_chunk[:-1]).any()
-    )
+    unsorted = summary_chunk.numel() > 1 and bool((summary_chunk[1:] < summary_chunk[:-1]).any())
     if unsorted:  # e.g. gathered context-parallel pieces
         order = torch.argsort(summary_chunk, stable=True)
         summary_k, summary_v = summary_k[:, :, order], summary_v[:, :, order]
@@ -53,36 +51,34 @@ def chunk_attention(
 def _query_blocks(shape, query_chunk, summary_chunk) -> list[tuple[int, int, int, int]]:
     """(first query, end query, summaries all its queries see, summaries any of them sees).
 
-    With sorted 1-D summary chunks the visible summaries of a block are a prefix; otherwise
-    every block scores all of them under the mask.
+    The summary chunks are sorted, so the visible summaries of a block are a prefix.
     """
     batch, heads, seq_len, _ = shape
     num_summaries = summary_chunk.shape[-1]
     size = max(16, min(_BLOCK_QUERIES, _BLOCK_ELEMENTS // max(1, batch * heads * num_summaries)))
     starts = list(range(0, seq_len, size))
-    if summary_chunk.dim() != 1 or num_summaries == 0:
-        return [(s, min(s + size, seq_len), 0, num_summaries) for s in starts]
-    chunks = query_chunk.reshape(-1, seq_len).to(summary_chunk.dtype)
-    block = (torch.arange(seq_len, device=chunks.device) // size).expand_as(chunks).reshape(-1)
+    if num_summaries == 0:
+        return [(s, min(s + size, seq_len), 0, 0) for s in starts]
+    chunks = query_chunk.to(summary_chunk.dtype)
+    block = torch.arange(seq_len, device=chunks.device) // size
     limits = chunks.new_zeros(2, len(starts))  # lowest and highest query chunk of each block
-    limits[0].scatter_reduce_(0, block, chunks.reshape(-1), "amin", include_self=False)
-    limits[1].scatter_reduce_(0, block, chunks.reshape(-1), "amax", include_self=False)
+    limits[0].scatter_reduce_(0, block, chunks, "amin", include_self=False)
+    limits[1].scatter_reduce_(0, block, chunks, "amax", include_self=False)
     bounds = torch.searchsorted(summary_chunk.contiguous(), limits)
     full, seen = bounds.tolist()
     return [(s, min(s + size, seq_len), f, n) for s, f, n in zip(starts, full, seen)]
 
 
 def _earlier(query_chunk: torch.Tensor, summary_chunk: torch.Tensor) -> torch.Tensor:
-    """Which summaries each query sees: (T, N), or (B, 1, T, N) for per-sequence indices."""
-    earlier = summary_chunk.unsqueeze(-2) < query_chunk.unsqueeze(-1)
-    return earlier.unsqueeze(1) if earlier.dim() == 3 else earlier
+    """Which summaries each query sees: (T, N)."""
+    return summary_chunk[None, :] < query_chunk[:, None]
 
 
 def _block_scores(q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen):
     """Masked scores (B, H, block, seen) of queries start:end against the first seen summaries."""
     scores = torch.matmul(q_scaled[:, :, start:end], summary_k[:, :, :seen].transpose(-1, -2))
     if full < seen:
-        visible = _earlier(query_chunk[..., start:end], summary_chunk[..., full:seen])
+        visible = _earlier(query_chunk[start:end], summary_chunk[full:seen])
         scores[..., full:].masked_fill_(~visible, float("-inf"))
     return scores
 

@@ -37,28 +37,16 @@ def flex_chunk_attention(
     scale: float,
 ) -> torch.Tensor:
     """Same contract as ``chunk_attention`` (shapes, chunk-index conventions, output dtype)."""
-    batch, heads, seq_len, _ = q.shape
+    seq_len = q.shape[2]
     own = (q * k_state).sum(-1) * scale  # (B, H, T)
     num_summaries = summary_k.shape[-2]
     if num_summaries == 0:
         return v_state.to(q.dtype)
 
-    if query_chunk.dim() == 1 and summary_chunk.dim() == 1:
-        mask_batch = None
+    def earlier(b, h, q_idx, kv_idx):
+        return summary_chunk[kv_idx] < query_chunk[q_idx]
 
-        def earlier(b, h, q_idx, kv_idx):
-            return summary_chunk[kv_idx] < query_chunk[q_idx]
-    else:
-        mask_batch = batch
-        query_chunk = query_chunk.expand(batch, seq_len)
-        summary_chunk = summary_chunk.expand(batch, num_summaries)
-
-        def earlier(b, h, q_idx, kv_idx):
-            return summary_chunk[b, kv_idx] < query_chunk[b, q_idx]
-
-    block_mask = create_block_mask(
-        earlier, mask_batch, None, seq_len, num_summaries, device=q.device
-    )
+    block_mask = create_block_mask(earlier, None, None, seq_len, num_summaries, device=q.device)
     out, aux = _flex(q.device)(
         q, summary_k, summary_v, block_mask=block_mask, scale=scale,
         return_aux=AuxRequest(lse=True),
