@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark tools: timing, machine description, JSON / Markdown / PNG."""
 
+import argparse
 import json
 import os
 import platform
@@ -98,6 +99,29 @@ def parse_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but no CUDA GPU is visible: use --device cpu")
     return device
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every benchmark tool takes: CUDA-graph decoding, threads, output folder."""
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="decode by CUDA-graph replays (cuda only)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
+
+
+def parse_run(parser: argparse.ArgumentParser, argv, defaults: dict) -> argparse.Namespace:
+    """Parse, fill unset options from ``defaults[device type]``, check --cuda-graph and apply
+    --threads."""
+    opts = parser.parse_args(argv)
+    device = parse_device(opts.device)
+    for key, value in defaults[device.type].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    if opts.cuda_graph and device.type != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    return opts
 
 
 def parse_dtype(name: str) -> torch.dtype:

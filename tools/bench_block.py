@@ -250,27 +250,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-lens", type=int, nargs="+", help="train/prefill lengths T")
     parser.add_argument("--decode-positions", type=int, nargs="+", help="decode positions P")
     parser.add_argument("--decode-batch", type=int, help="sequences per decode step")
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="time decode steps as CUDA-graph replays (cuda only)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--max-case-seconds", type=float, default=15.0,
                         help="stop repeating a case once its timed calls took this long")
     parser.add_argument("--min-case-seconds", type=float, default=2.0,
                         help=f"repeat cheap cases (up to {MAX_REPEATS} times) this long")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
-    opts = parser.parse_args(argv)
-    device = bench.parse_device(opts.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
+    bench.add_run_options(parser)
+    opts = bench.parse_run(parser, argv, DEFAULTS)
     if opts.dim % opts.heads or (opts.dim // opts.heads) % 2:
         parser.error(f"--dim {opts.dim} must split into --heads {opts.heads} even head dims")
     if opts.heads % opts.groups:
         parser.error(f"--groups {opts.groups} must divide --heads {opts.heads}")
-    if opts.cuda_graph and device.type != "cuda":
-        parser.error("--cuda-graph needs --device cuda")
     return opts
 
 
@@ -278,8 +269,6 @@ def main(argv=None) -> None:
     opts = parse_args(argv)
     device = bench.parse_device(opts.device)
     dtype = bench.parse_dtype(opts.dtype)
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     backend, attention_kernel = attention_backend(device)
     info = bench.machine_info(device)
     names_specs = mixer_specs(opts.chunk_sizes, opts.window)

@@ -119,20 +119,10 @@ def main(argv=None) -> None:
     parser.add_argument("--positions", type=int, nargs="+", help="decode latency positions")
     parser.add_argument("--latency-batch", type=int, help="batch of the latency measurement")
     parser.add_argument("--latency-steps", type=int, default=5)
-    parser.add_argument("--cuda-graph", action="store_true",
-                        help="decode by CUDA-graph replays (cuda only)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out-dir", type=Path, default=Path("bench_results"))
-    opts = parser.parse_args(argv)
+    bench.add_run_options(parser)
+    opts = bench.parse_run(parser, argv, DEFAULTS)
     device = bench.parse_device(opts.device)
-    for key, value in DEFAULTS[device.type].items():
-        if getattr(opts, key) is None:
-            setattr(opts, key, value)
     dtype = bench.parse_dtype(opts.dtype)
-    if opts.cuda_graph and device.type != "cuda":
-        parser.error("--cuda-graph needs --device cuda")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     info = bench.machine_info(device)
     budget = ("until out of memory" if opts.cache_budget_gib is None
               else f"caches within {opts.cache_budget_gib:g} GiB")
