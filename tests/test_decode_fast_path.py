@@ -29,8 +29,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def build(kind: str, device="cpu", dtype=torch.float32) -> RATModel:
     torch.manual_seed(0)
+    window = {"swa_window": WINDOW} if kind.endswith("swa") else {}  # else all RAT / attention
     args = make_args(kind, "debugmodel", dim=64, n_layers=2, ffn_hidden_dim=128,
-                     vocab_size=512, max_seq_len=64, swa_window=WINDOW)
+                     vocab_size=512, max_seq_len=64, **window)
     model = RATModel(args)
     model.init_weights()
     return model.to(device=device, dtype=dtype).eval()

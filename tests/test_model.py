@@ -70,6 +70,14 @@ def test_bad_config_errors(overrides, match):
         make_args("rat_swa", "debugmodel", **overrides)
 
 
+def test_a_window_cannot_change_the_model_kind():
+    with pytest.raises(ValueError, match="swa_window=8 would change model kind 'rat'"):
+        make_args("rat", "debugmodel", swa_window=8)
+    with pytest.raises(ValueError, match="swa_window=None would change model kind 'rat_attn_swa'"):
+        make_args("rat_attn_swa", "debugmodel", swa_window=None)
+    assert make_args("rat_swa", "debugmodel", swa_window=8).layer_mixer(1) == "swa"
+
+
 def test_unknown_kind_and_flavor():
     with pytest.raises(ValueError, match="unknown flavor '2B'.*debugmodel"):
         make_args("rat", "2B")
@@ -109,7 +117,8 @@ PROMPT_LENGTHS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5]
 def test_prefill_then_decode_matches_full_forward(kind, prompt_len):
     """Decoding runs past the training length (max_seq_len=32) and, for SWA, wraps the ring."""
     torch.manual_seed(0)
-    model = build(kind, dim=64, n_layers=2, ffn_hidden_dim=128, max_seq_len=32, swa_window=8).eval()
+    window = {"swa_window": 8} if kind == "rat_swa" else {}
+    model = build(kind, dim=64, n_layers=2, ffn_hidden_dim=128, max_seq_len=32, **window).eval()
     total = 3 * CHUNK + 5 + 24
     tokens = torch.randint(0, model.args.vocab_size, (2, total))
     lengths = torch.tensor([prompt_len, max(prompt_len - 3, 1)])  # a batch of mixed lengths

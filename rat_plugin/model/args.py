@@ -106,6 +106,13 @@ def make_args(kind: str, flavor: str, **overrides) -> RATModelArgs:
         raise ValueError(f"unknown model kind {kind!r}: choose one of {sorted(MODEL_KINDS)}")
     if flavor not in FLAVORS:
         raise ValueError(f"unknown flavor {flavor!r}: choose one of {list(FLAVORS)}")
+    has_swa = MODEL_KINDS[kind]["swa_window"] is not None
+    if "swa_window" in overrides and (overrides["swa_window"] is not None) != has_swa:
+        raise ValueError(
+            f"swa_window={overrides['swa_window']} would change model kind {kind!r}: "
+            "sliding-window layers are what rat_swa / rat_attn_swa add, so set a window only "
+            "for those kinds (and pick rat / rat_attn for none)"
+        )
     fields = dict(FLAVORS[flavor])
     window = fields.pop("swa_window", None)
     fields.update(MODEL_KINDS[kind])
