@@ -8,6 +8,8 @@ Sharded runs draw a different random init, so a single-process run first writes 
 same batches in the same order (``debug.deterministic``, seed 42). The one-process run of each
 config is computed once and shared by all its comparisons.
 
+float8 (the 1.3B recipe) runs on one process and under CP 2 and must track the fp32 losses.
+
 Compile with TP is refused on CPU ranks (torch's AOTAutograd crashes in DTensor's backward
 there); the last test checks that refusal.
 """
@@ -25,6 +27,7 @@ from rat_plugin.infra.parallelize import check_compile
 
 STEPS = 4
 TOLERANCE = 1e-4
+FLOAT8_TOLERANCE = 3e-2
 # seq_len 128: CP 2 (headtail) cuts it into 4 pieces of 32 tokens, i.e. 2 whole chunks each.
 SHAPE = ("--training.local_batch_size=2", "--training.seq_len=128", "--metrics.log_freq=1")
 
@@ -37,6 +40,14 @@ LAYER_AC, OP_AC = (
     ("--activation_checkpoint.mode=selective", f"--activation_checkpoint.selective_ac_option={o}")
     for o in ("2", "op")
 )
+# The 1.3B float8 recipe (rat_1p3b_float8.toml). emulate only lets torchtitan's converter past
+# its SM89 check: with a recipe the float8 matmuls are torch._scaled_mm, which runs on the CPU.
+FLOAT8 = (
+    "--model.converters=quantize.linear.float8", "--quantize.linear.float8.emulate",
+    "--quantize.linear.float8.recipe_name=tensorwise",
+    "--quantize.linear.float8.filter_fqns=output,mixer.wq,mixer.wk",
+)
+FLOAT8_LOG = ("Float8 training active with recipe tensorwise", "Swapped to Float8Linear")
 COMPILED = "Compiling each TransformerBlock"
 FULL_LOG, SELECTIVE_LOG = (f"Applied {m} activation checkpointing" for m in ("full", "selective"))
 
@@ -47,6 +58,7 @@ class Case:
     options: tuple[str, ...]
     expect: tuple[str, ...]  # lines the run's log must contain
     nproc: int = 1
+    tolerance: float = TOLERANCE
 
 
 PARALLEL = {
@@ -124,7 +136,7 @@ def assert_same_losses(name: str, case: Case, runs: Runs) -> None:
     want = runs.reference(case.config)
     got = runs.losses(name, case.config, *case.options, nproc=case.nproc, expect=case.expect)
     worst = max(abs(got[s] - want[s]) for s in want)
-    assert worst <= TOLERANCE, f"losses {got} vs one process {want}: differ by {worst:.2e}"
+    assert worst <= case.tolerance, f"losses {got} vs one process {want}: differ by {worst:.2e}"
 
 
 @pytest.mark.slow
@@ -139,6 +151,26 @@ def test_parallel_run_logs_the_one_process_losses(name, runs):
 @pytest.mark.parametrize("name", list(COMPILE_AC))
 def test_compile_and_ac_log_the_eager_losses(name, runs):
     assert_same_losses(name, COMPILE_AC[name], runs)
+
+
+# float8 rounds every converted matmul input to 3 mantissa bits (and under CP each rank scales by
+# its own tokens' amax): over the 4 steps, where the fp32 loss falls by ~1 nat, the float8 losses
+# stayed within 0.010 (one process) and 0.018 (CP 2) of it. float8 with TP is not run: gloo has
+# no float8 collectives.
+FLOAT8_RUNS = {
+    "rat-float8": Case("rat_debug.toml", FLOAT8, FLOAT8_LOG, tolerance=FLOAT8_TOLERANCE),
+    "rat_swa-cp2-headtail+float8": Case(
+        "rat_swa_debug.toml", (CP2, *FLOAT8), ("cp=2, tp=1, ep=1", *FLOAT8_LOG), nproc=2,
+        tolerance=FLOAT8_TOLERANCE,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", list(FLOAT8_RUNS))
+def test_float8_runs_track_the_fp32_losses(name, runs):
+    assert_same_losses(name, FLOAT8_RUNS[name], runs)
 
 
 def test_compile_with_tp_on_cpu_is_refused():
