@@ -69,7 +69,10 @@ def test_float8_filter():
 
 
 def test_float8_tp_without_torchao_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchao", None)  # as if not installed: imports fail
+    # As if torchao were not installed: a None entry makes its import fail, including the
+    # submodules other tests already imported.
+    for name in ["torchao", *(n for n in sys.modules if n.startswith("torchao."))]:
+        monkeypatch.setitem(sys.modules, name, None)
     mesh = types.SimpleNamespace(size=lambda: 2)  # refused before the mesh is used
     with pytest.raises(ImportError, match="float8 tensor parallel needs torchao"):
         apply_tp(build_model("rat"), mesh, loss_parallel=True, enable_float8=True)
