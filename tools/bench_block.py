@@ -143,8 +143,8 @@ def filled_cache(block: MixerBlock, batch: int, position: int, steps: int, devic
 
 
 def decode_step(block: MixerBlock, cache, batch: int, dim: int, device, dtype, cuda_graph: bool):
-    """One decode step of the block; with ``cuda_graph`` a replay of it captured once (every
-    replay rewrites the same position, like the eager steps' slots past the filled ones)."""
+    """One decode step of the block; with ``cuda_graph`` a replay of it, captured once. Either
+    way each call advances the cache by one token (it has room for every timed call)."""
     token = torch.randn(batch, 1, dim, device=device, dtype=dtype)
 
     def step():
