@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rat_plugin.ops.decode_attention import decode_backend
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -122,6 +124,12 @@ def parse_run(parser: argparse.ArgumentParser, argv, defaults: dict) -> argparse
     if opts.threads:
         torch.set_num_threads(opts.threads)
     return opts
+
+
+def decode_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """What a decode step's attention runs on (rat_plugin.ops.decode_attention)."""
+    q = torch.empty(1, 1, head_dim, device=device, dtype=dtype)
+    return {"flash": "flash-attn kv-cache", "sdpa": "SDPA"}[decode_backend(q)]
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -25,7 +25,6 @@ from rat_plugin.generate.step import capture_cuda_graph  # noqa: E402
 from rat_plugin.model import swa as swa_module  # noqa: E402
 from rat_plugin.model.args import RATModelArgs  # noqa: E402
 from rat_plugin.model.rat import RAT  # noqa: E402
-from rat_plugin.ops.decode_attention import decode_backend  # noqa: E402
 from rat_plugin.model.swa import SlidingWindowAttention  # noqa: E402
 
 DEFAULTS = {
@@ -230,12 +229,6 @@ def plot(records: list[dict], names: list[str], modes: list[str], title: str, pa
     return True
 
 
-def decode_kernel(device, dtype, opts) -> str:
-    """What a decode step's attention runs on (rat_plugin.ops.decode_attention)."""
-    q = torch.empty(1, 1, opts.dim // opts.heads, device=device, dtype=dtype)
-    return {"flash": "flash-attn kv-cache", "sdpa": "SDPA"}[decode_backend(q)]
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -277,7 +270,8 @@ def main(argv=None) -> None:
              f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
              f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
              f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
-             f"{opts.warmup} warm-up; decode attention {decode_kernel(device, dtype, opts)}"
+             f"{opts.warmup} warm-up; decode attention "
+             f"{bench.decode_kernel(device, dtype, opts.dim // opts.heads)}"
              f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"attention kernel: {backend}")

@@ -124,11 +124,13 @@ def main(argv=None) -> None:
     device = bench.parse_device(opts.device)
     dtype = bench.parse_dtype(opts.dtype)
     info = bench.machine_info(device)
+    head_dim = make_args(opts.kinds[0], opts.flavor).head_dim
     budget = ("until out of memory" if opts.cache_budget_gib is None
               else f"caches within {opts.cache_budget_gib:g} GiB")
     setup = (f"flavor {opts.flavor} {opts.dtype}, prompt {opts.prompt}, generate "
-             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}"
-             f"{', decode by CUDA-graph replays' if opts.cuda_graph else ''}")
+             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}; "
+             f"decode attention {bench.decode_kernel(device, dtype, head_dim)}"
+             f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
     print(f"machine: {bench.describe_machine(info)}")
     print(f"generation: {setup}")
     if device.type == "cpu":
