@@ -17,18 +17,27 @@ from rat_plugin.ops.chunk_scan import accumulation_dtype
 
 
 @triton.jit
-def _scan_fwd_kernel(
-    k_ptr, v_ptr, g_ptr, kt_ptr, vt_ptr,
-    seq_len, heads, head_dim, num_chunks,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
-):
+def _program_chunk(seq_len, heads, head_dim, num_chunks, CHUNK: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """This program's channels, its chunk's first token, and the element offsets of those
+    channels at that token (grid: batch * chunks, heads, head_dim blocks)."""
     pid_bc = tl.program_id(0)
     head = tl.program_id(1)
     dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     batch = pid_bc // num_chunks
     start = (pid_bc % num_chunks) * CHUNK
-    step = heads * head_dim  # elements between consecutive tokens
     base = ((batch.to(tl.int64) * seq_len + start) * heads + head) * head_dim + dims
+    return dims, start, base
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    k_ptr, v_ptr, g_ptr, kt_ptr, vt_ptr,
+    seq_len, heads, head_dim, num_chunks,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+):
+    dims, start, base = _program_chunk(seq_len, heads, head_dim, num_chunks, CHUNK, BLOCK_D)
+    step = heads * head_dim  # elements between consecutive tokens
     state_k = tl.zeros([BLOCK_D], dtype=ACC)
     state_v = tl.zeros([BLOCK_D], dtype=ACC)
     for s in range(CHUNK):
@@ -49,13 +58,8 @@ def _scan_bwd_kernel(
     seq_len, heads, head_dim, num_chunks,
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
-    pid_bc = tl.program_id(0)
-    head = tl.program_id(1)
-    dims = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    batch = pid_bc // num_chunks
-    start = (pid_bc % num_chunks) * CHUNK
+    dims, start, base = _program_chunk(seq_len, heads, head_dim, num_chunks, CHUNK, BLOCK_D)
     step = heads * head_dim
-    base = ((batch.to(tl.int64) * seq_len + start) * heads + head) * head_dim + dims
     # grad_k / grad_v: total gradient reaching the running state at offset s (from s and later).
     grad_k = tl.zeros([BLOCK_D], dtype=ACC)
     grad_v = tl.zeros([BLOCK_D], dtype=ACC)
