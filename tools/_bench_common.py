@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from rat_plugin.model.cache import RATCache
+from rat_plugin.ops.chunk_scan import accumulation_dtype
 from rat_plugin.ops.decode_attention import decode_backend
 
 
@@ -124,6 +126,17 @@ def parse_run(parser: argparse.ArgumentParser, argv, defaults: dict) -> argparse
     if opts.threads:
         torch.set_num_threads(opts.threads)
     return opts
+
+
+def fill_randomly(cache, position: int, heads: int, head_dim: int) -> None:
+    """Fill a new decode cache, whose prompts are all ``position`` tokens, through its own
+    ``fill`` with random states: a long position without its quadratic prefill."""
+    rat = isinstance(cache, RATCache)
+    dtype = accumulation_dtype(cache.dtype) if rat else cache.dtype  # RAT fills from fp32 states
+    shape = (cache.lengths.shape[0], position, heads, head_dim)
+    device = cache.lengths.device
+    cache.fill(torch.randn(shape, device=device, dtype=dtype),
+               torch.randn(shape, device=device, dtype=dtype))
 
 
 def decode_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:

@@ -128,16 +128,12 @@ def prefill_step(block: MixerBlock, x: torch.Tensor):
     return step
 
 
-def filled_cache(block: MixerBlock, batch: int, position: int, steps: int, device, dtype):
+def filled_cache(block: MixerBlock, batch: int, position: int, steps: int, device):
     """A cache holding ``position`` tokens per sequence, filled through the cache's own
     ``fill`` with random states (no quadratic prefill), with room for ``steps`` more."""
     mixer = block.mixer
-    heads, head_dim = mixer.wv.out_features // mixer.head_dim, mixer.head_dim
     cache = mixer.new_cache(torch.full((batch,), position, device=device), position + steps)
-    state_dtype = torch.promote_types(dtype, torch.float32) if isinstance(mixer, RAT) else dtype
-    shape = (batch, position, heads, head_dim)
-    cache.fill(torch.randn(shape, device=device, dtype=state_dtype),
-               torch.randn(shape, device=device, dtype=state_dtype))
+    bench.fill_randomly(cache, position, mixer.wv.out_features // mixer.head_dim, mixer.head_dim)
     return cache
 
 
@@ -164,7 +160,7 @@ def run_case(name, spec, mode, seq_len, opts, device, dtype) -> dict:
         if mode == "decode":
             batch = opts.decode_batch
             steps = opts.warmup + MAX_REPEATS
-            cache = filled_cache(block, batch, seq_len, steps, device, dtype)
+            cache = filled_cache(block, batch, seq_len, steps, device)
             step = decode_step(block, cache, batch, opts.dim, device, dtype, opts.cuda_graph)
             record["cache_bytes_per_sequence"] = cache.nbytes_per_sequence()
         else:

@@ -23,7 +23,6 @@ import _bench_common as bench  # noqa: E402
 
 from rat_plugin.generate.step import DecodeStep  # noqa: E402
 from rat_plugin.model.args import MODEL_KINDS, make_args  # noqa: E402
-from rat_plugin.model.cache import RATCache  # noqa: E402
 from rat_plugin.model.model import RATModel  # noqa: E402
 
 DEFAULTS = {
@@ -66,15 +65,9 @@ def cache_bytes(caches: list) -> int:
 
 def filled_caches(model: RATModel, batch: int, position: int, spare: int, device) -> list:
     """Caches holding ``position`` tokens per sequence, room for ``spare`` more."""
-    args = model.args
     caches = model.new_caches(torch.full((batch,), position, device=device), position + spare)
-    dtype = model.tok_embeddings.weight.dtype
     for cache in caches:
-        rat = isinstance(cache, RATCache)
-        state_dtype = torch.promote_types(dtype, torch.float32) if rat else dtype
-        shape = (batch, position, args.n_heads, args.head_dim)
-        cache.fill(torch.randn(shape, device=device, dtype=state_dtype),
-                   torch.randn(shape, device=device, dtype=state_dtype))
+        bench.fill_randomly(cache, position, model.args.n_heads, model.args.head_dim)
     return caches
 
 
