@@ -1,4 +1,8 @@
-"""Intra-chunk gated linear recurrence (DESIGN.md section 1, step 3)."""
+"""Intra-chunk gated linear recurrence (docs/design.md section 1, step 3): the reference scan.
+
+``chunk_scan`` is the portable path; ``chunk_scan_backward`` is its gradient as a plain function,
+the CPU body of the Triton custom op's backward (``triton_chunk_scan``).
+"""
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +27,49 @@ def chunk_scan(
     Under torch.compile the same recurrence runs as plain traceable ops (the eager Function
     writes into views with ``out=``, which dynamo cannot trace), so fullgraph compile works.
     """
-    seq_len = k.shape[1]
-    acc = accumulation_dtype(k.dtype)
-    # Keys and values share the gate: scan them together, stacked on a new axis.
-    x = torch.stack((k.to(acc), v.to(acc)), dim=-2)  # (B, T, H, 2, d)
-    gate = forget_gate.to(acc).unsqueeze(-2)  # (B, T, H, 1, d)
-    pad = -seq_len % chunk_size
-    if pad:
-        x, gate = (F.pad(t, (0, 0, 0, 0, 0, 0, 0, pad)) for t in (x, gate))
+    x = _pairs(k, v, chunk_size)
+    gate = _gate(forget_gate, x.dtype, chunk_size)
     scan = _traced_scan if torch.compiler.is_compiling() else _ChunkScan.apply
-    running = scan(x, gate, chunk_size)[:, :seq_len]
+    running = scan(x, gate, chunk_size)[:, : k.shape[1]]
     return running.unbind(-2)
+
+
+def chunk_scan_backward(
+    grad_kt: torch.Tensor,
+    grad_vt: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    forget_gate: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dk, dv, dgate), in the input dtypes, of ``chunk_scan``'s outputs (kt, vt)
+    whose gradients are (grad_kt, grad_vt): the reverse scan inside every chunk."""
+    x, grad, out = (_pairs(a, b, chunk_size) for a, b in ((k, v), (grad_kt, grad_vt), (kt, vt)))
+    gate = _gate(forget_gate, x.dtype, chunk_size)
+    dx, dgate = _reverse_scan(*(_by_offset(t, chunk_size) for t in (grad, x, gate, out)))
+    seq_len = k.shape[1]
+    dk, dv = dx.flatten(1, 2)[:, :seq_len].unbind(-2)
+    dgate = dgate.flatten(1, 2)[:, :seq_len].squeeze(-2)
+    return dk.to(k.dtype), dv.to(v.dtype), dgate.to(forget_gate.dtype)
+
+
+def _pairs(a: torch.Tensor, b: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """(B, T, H, d) pair -> (B, T', H, 2, d) in the accumulation dtype, T' whole chunks: keys and
+    values share the gate, so they are scanned together."""
+    acc = accumulation_dtype(a.dtype)
+    return _pad_to_chunks(torch.stack((a.to(acc), b.to(acc)), dim=-2), chunk_size)
+
+
+def _gate(forget_gate: torch.Tensor, dtype: torch.dtype, chunk_size: int) -> torch.Tensor:
+    """(B, T, H, d) -> (B, T', H, 1, d), broadcasting over the key/value pair."""
+    return _pad_to_chunks(forget_gate.to(dtype).unsqueeze(-2), chunk_size)
+
+
+def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    pad = -x.shape[1] % chunk_size
+    return F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) if pad else x
 
 
 def _by_offset(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -72,20 +108,27 @@ class _ChunkScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, gate, out = ctx.saved_tensors
-        chunk_size = gate.shape[2]
-        grad = _by_offset(grad, chunk_size)
-        one_minus = 1 - gate
-        dx = torch.mul(grad, one_minus)  # the direct term; the carried term is added below
-        dgate = torch.empty_like(gate)
-        carry = None  # gradient reaching state s from state s + 1
-        for s in range(chunk_size - 1, -1, -1):
-            if carry is None:
-                total = grad[:, :, s]
-            else:
-                total = grad[:, :, s] + carry
-                dx[:, :, s].addcmul_(carry, one_minus[:, :, s])
-            # d state_s / d g_s = state_{s-1} - x_s
-            diff = out[:, :, s - 1] - x[:, :, s] if s else x[:, :, 0].neg()
-            torch.sum(total * diff, dim=-2, keepdim=True, out=dgate[:, :, s])
-            carry = total * gate[:, :, s]
+        dx, dgate = _reverse_scan(_by_offset(grad, gate.shape[2]), x, gate, out)
         return dx.flatten(1, 2), dgate.flatten(1, 2), None
+
+
+def _reverse_scan(grad, x, gate, out):
+    """(dx, dgate) by offset (B, C, L, ...) from the gradient of the states ``out`` of the scan
+    of ``x`` with ``gate``. Hand-written, so autograd never zero-fills a full-size gradient per
+    offset."""
+    chunk_size = gate.shape[2]
+    one_minus = 1 - gate
+    dx = torch.mul(grad, one_minus)  # the direct term; the carried term is added below
+    dgate = torch.empty_like(gate)
+    carry = None  # gradient reaching state s from state s + 1
+    for s in range(chunk_size - 1, -1, -1):
+        if carry is None:
+            total = grad[:, :, s]
+        else:
+            total = grad[:, :, s] + carry
+            dx[:, :, s].addcmul_(carry, one_minus[:, :, s])
+        # d state_s / d g_s = state_{s-1} - x_s
+        diff = out[:, :, s - 1] - x[:, :, s] if s else x[:, :, 0].neg()
+        torch.sum(total * diff, dim=-2, keepdim=True, out=dgate[:, :, s])
+        carry = total * gate[:, :, s]
+    return dx, dgate

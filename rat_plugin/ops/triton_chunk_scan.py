@@ -3,9 +3,15 @@
 One program per (batch * chunk, head, block of head_dim channels) walks the chunk's offsets with
 the running key/value state held in registers (fp32 accumulation, fp64 for fp64 inputs), so k, v
 and the gate are read once and the running states written once. The backward kernel runs the
-reverse scan within each chunk. Both are registered as ``torch.library.triton_op`` custom ops so
-``torch.compile(fullgraph=True)`` can trace them on CUDA. With ``TRITON_INTERPRET=1`` set before
-this module is imported, the same kernels run on CPU in Triton's interpreter (tests only: slow).
+reverse scan within each chunk. Both are registered as ``torch.library.triton_op`` custom ops
+(``rat_titan::chunk_scan_fwd`` / ``_bwd``) so ``torch.compile(fullgraph=True)`` traces them into
+Triton kernel nodes on CUDA.
+
+Off CUDA the same ops run a CPU body, the reference scan (``chunk_scan`` / ``chunk_scan_backward``):
+the op, its autograd formula and its place in a compiled, checkpointed graph are those of the GPU
+program, so CPU CI executes that program (docs/design.md, "Kernel matrix"). With
+``TRITON_INTERPRET=1`` set before this module is imported, eager calls on CPU run the Triton
+kernels themselves in Triton's interpreter (tests only: slow; a compiled graph cannot launch them).
 """
 
 import torch
@@ -13,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from rat_plugin.ops.chunk_scan import accumulation_dtype
+from rat_plugin.ops.chunk_scan import accumulation_dtype, chunk_scan, chunk_scan_backward
 
 
 @triton.jit
@@ -84,14 +90,28 @@ def _scan_bwd_kernel(
 
 
 INTERPRETED = not isinstance(_scan_fwd_kernel, triton.runtime.JITFunction)
+# Tensors on these devices launch the kernels; elsewhere the ops run their CPU body.
+TRITON_DEVICES = ("cuda",)
+
+
+def _launches_kernels(t: torch.Tensor) -> bool:
+    """Triton on CUDA, or in the interpreter for eager CPU calls; else the CPU body."""
+    return t.device.type in TRITON_DEVICES or (INTERPRETED and not torch.compiler.is_compiling())
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _unaliased(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The CPU body's results as fresh tensors: a custom op's outputs may not alias each other
+    (the reference returns views of one stacked buffer)."""
+    return tuple(t.clone() for t in tensors)
 
 
 def _launch_shape(k: torch.Tensor, chunk_size: int) -> tuple[tuple[int, int, int], int, int]:
     """Grid over (batch * chunks, heads, head_dim blocks), the block width and warp count."""
     batch, seq_len, heads, head_dim = k.shape
-    block_d = min(triton.next_power_of_2(head_dim), 64)
+    # A Python int: under dynamic shapes a symbolic head_dim would reach Triton's codegen.
+    block_d = min(triton.next_power_of_2(int(head_dim)), 64)
     num_chunks = triton.cdiv(seq_len, chunk_size)
     grid = (batch * num_chunks, heads, triton.cdiv(head_dim, block_d))
     return grid, block_d, max(1, block_d // 32)
@@ -101,6 +121,8 @@ def _launch_shape(k: torch.Tensor, chunk_size: int) -> tuple[tuple[int, int, int
 def _chunk_scan_fwd(
     k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if not _launches_kernels(k):
+        return _unaliased(chunk_scan(k, v, forget_gate, chunk_size))
     k, v, forget_gate = k.contiguous(), v.contiguous(), forget_gate.contiguous()
     acc = accumulation_dtype(k.dtype)
     kt = torch.empty(k.shape, dtype=acc, device=k.device)
@@ -125,6 +147,10 @@ def _chunk_scan_bwd(
     vt: torch.Tensor,
     chunk_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not _launches_kernels(k):
+        return _unaliased(
+            chunk_scan_backward(grad_kt, grad_vt, k, v, forget_gate, kt, vt, chunk_size)
+        )
     grad_kt, grad_vt = grad_kt.contiguous(), grad_vt.contiguous()
     k, v, forget_gate = k.contiguous(), v.contiguous(), forget_gate.contiguous()
     grad_k = torch.empty_like(k)
@@ -170,10 +196,5 @@ def triton_chunk_scan(
         raise ValueError(
             f"k, v, forget_gate must all be (batch, seq, heads, head_dim); got "
             f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(forget_gate.shape)}"
-        )
-    if k.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(
-            f"the Triton chunk scan needs CUDA tensors (got {k.device.type}); set "
-            "TRITON_INTERPRET=1 before importing triton to run it on CPU, or RAT_KERNELS=torch"
         )
     return _chunk_scan_fwd(k, v, forget_gate, chunk_size)
