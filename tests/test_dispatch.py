@@ -1,10 +1,13 @@
-"""Backend selection for rat_mixing: RAT_KERNELS / RAT_ATTENTION and the device."""
+"""Kernel selection: the model's scan_kernel / attention_kernel, RAT_KERNELS / RAT_ATTENTION
+overriding them, and the device resolving "auto"."""
 
 import pytest
 import torch
 
+from rat_plugin.model import RATModel, make_args
 from rat_plugin.ops import chunk_attention, chunk_scan, rat_mixing
 from rat_plugin.ops.dispatch import MixingKernels, select_kernels
+from rat_plugin.ops.window_attention import window_attention
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -25,31 +28,38 @@ def _clean_env(monkeypatch):
         ("torch", "flex", CUDA, ("torch", "flex")),
         ("triton", None, CUDA, ("triton", "flex")),
         ("triton", "torch", CUDA, ("triton", "torch")),
+        ("triton", None, CPU, ("triton", "torch")),  # the custom op's CPU body
         (None, "flex", CPU, ("torch", "flex")),
         (" Torch ", "", CPU, ("torch", "torch")),
     ],
 )
 def test_selection(monkeypatch, kernels, attention, device, expected):
-    if kernels is not None:
-        monkeypatch.setenv("RAT_KERNELS", kernels)
-    if attention is not None:
-        monkeypatch.setenv("RAT_ATTENTION", attention)
-    assert select_kernels(device) == MixingKernels(*expected)
+    """Configured values, and the same values from the environment over a different setting."""
+    configured = dict(scan=kernels or "auto", attention=attention or "auto")
+    assert select_kernels(device, **configured) == MixingKernels(*expected)
+    monkeypatch.setenv("RAT_KERNELS", configured["scan"])
+    monkeypatch.setenv("RAT_ATTENTION", configured["attention"])
+    assert select_kernels(device, scan="torch", attention="torch") == MixingKernels(*expected)
 
 
-def test_forcing_triton_without_cuda_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("RAT_KERNELS", "triton")
-    with pytest.raises(ValueError, match="triton needs CUDA tensors .*TRITON_INTERPRET"):
-        select_kernels(CPU)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert select_kernels(CPU) == MixingKernels("triton", "torch")
-
-
-@pytest.mark.parametrize("name", ["RAT_KERNELS", "RAT_ATTENTION"])
-def test_unknown_value_is_rejected(monkeypatch, name):
+@pytest.mark.parametrize(
+    "name,setting", [("RAT_KERNELS", "scan"), ("RAT_ATTENTION", "attention")]
+)
+def test_unknown_value_is_rejected(monkeypatch, name, setting):
+    with pytest.raises(ValueError, match=f"{setting}_kernel='cuda' is not one of auto"):
+        select_kernels(CPU, **{setting: "cuda"})
     monkeypatch.setenv(name, "cuda")
     with pytest.raises(ValueError, match=f"{name}='cuda' is not one of auto"):
         select_kernels(CPU)
+
+
+def test_model_args_check_the_choice():
+    with pytest.raises(ValueError, match="scan_kernel='fast' is not one of auto, torch, triton"):
+        make_args("rat", "debugmodel", scan_kernel="fast")
+    args = make_args("rat_swa", "debugmodel", scan_kernel="Triton", attention_kernel="flex")
+    assert (args.scan_kernel, args.attention_kernel) == ("triton", "flex")
+    model = RATModel(args)
+    assert {block.mixer.kernel_choice for block in model.layers.values()} == {("triton", "flex")}
 
 
 def test_bad_value_surfaces_from_rat_mixing(monkeypatch):
@@ -63,15 +73,18 @@ def test_portable_kernels_are_the_reference_functions():
     kernels = select_kernels(CPU)
     assert kernels.chunk_scan is chunk_scan
     assert kernels.chunk_attention is chunk_attention
+    assert kernels.window_attention is window_attention
 
 
 def test_fast_kernels_resolve():
     from rat_plugin.ops.flex_chunk_attention import flex_chunk_attention
+    from rat_plugin.ops.flex_window_attention import flex_window_attention
     from rat_plugin.ops.triton_chunk_scan import triton_chunk_scan
 
     kernels = MixingKernels("triton", "flex")
     assert kernels.chunk_scan is triton_chunk_scan
     assert kernels.chunk_attention is flex_chunk_attention
+    assert kernels.window_attention is flex_window_attention
 
 
 def test_selection_traces_fullgraph(monkeypatch):

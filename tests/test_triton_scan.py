@@ -1,8 +1,11 @@
-"""Triton chunk-scan kernels (forward + backward) against the portable ``chunk_scan``.
+"""Triton chunk-scan kernels (forward + backward) against the portable ``chunk_scan``, and the
+custom ops around them.
 
 On a CUDA machine the kernel tests run on the GPU. Without one, ``test_kernels_under_interpreter``
 re-runs this file in a subprocess with TRITON_INTERPRET=1 (Triton reads it when the kernels are
-defined, so it must be set before import; the subprocess keeps it out of every other test).
+defined, so it must be set before import; the subprocess keeps it out of every other test). On
+plain CPU the same custom ops run their CPU body (eager and compiled), and the compiled trace of
+the CUDA program is checked with the kernels' device rule widened to CPU.
 """
 
 import os
@@ -19,6 +22,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from oracle import assert_matches_loop_oracle
 from rat_plugin.ops import chunk_scan, rat_mixing
 from rat_plugin.ops import triton_chunk_scan as triton_module
+from rat_plugin.ops.dispatch import MixingKernels
 from rat_plugin.ops.triton_chunk_scan import triton_chunk_scan
 
 CUDA = torch.cuda.is_available()
@@ -27,6 +31,10 @@ DEVICE = "cuda" if CUDA else "cpu"
 needs_kernels = pytest.mark.skipif(
     not (CUDA or INTERPRETED), reason="needs CUDA or TRITON_INTERPRET=1 (see the interpreter test)"
 )
+cpu_body = pytest.mark.skipif(CUDA or INTERPRETED, reason="plain CPU: the custom ops' CPU body")
+# Compiled graphs launch real kernels: interpreted ones cannot run inside them.
+compiled_cuda = pytest.mark.skipif(not CUDA or INTERPRETED, reason="CUDA only, not interpreted")
+TRITON_SCAN = MixingKernels("triton", "torch")
 
 SHAPES = [  # (B, T, H, d, L)
     pytest.param(2, 19, 2, 16, 8, id="partial-last-chunk"),
@@ -89,11 +97,24 @@ def test_unused_output_and_strided_inputs():
     assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
-@needs_kernels
-def test_rat_mixing_through_triton_matches_loop_oracle(monkeypatch):
-    monkeypatch.setenv("RAT_KERNELS", "triton")
+def triton_mixing(*args, **kwargs):
+    return rat_mixing(*args, kernels=TRITON_SCAN, **kwargs)
+
+
+def test_rat_mixing_through_the_scan_op_matches_loop_oracle():
+    """The Triton kernels (CUDA, interpreter) or the op's CPU body, against the loop oracle."""
     inputs = mixing_inputs(2, 13, 2, 8, torch.float64)  # L=4: partial last chunk
-    assert_matches_loop_oracle(rat_mixing, inputs, 4)
+    assert_matches_loop_oracle(triton_mixing, inputs, 4)
+
+
+@cpu_body
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiled_scan_op_on_cpu_matches_loop_oracle(dynamic):
+    """The custom ops traced by dynamo + AOTAutograd (their CPU body lowered eagerly)."""
+    compiled = torch.compile(triton_mixing, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for seq_len in (13, 21):  # a second length: no failure with dynamic shapes
+        inputs = mixing_inputs(2, seq_len, 2, 8, torch.float64)
+        assert_matches_loop_oracle(compiled, inputs, 4)
 
 
 def test_rejects_mismatched_shapes():
@@ -104,25 +125,16 @@ def test_rejects_mismatched_shapes():
         triton_chunk_scan(k, v, gate, 0)
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU without the interpreter only")
-def test_cpu_without_interpreter_gives_a_clear_error():
-    k, v, gate = scan_inputs(1, 4, 1, 8, torch.float32, device="cpu")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        triton_chunk_scan(k, v, gate, 2)
-
-
 class _StopAfterTrace(Exception):
     pass
 
 
-@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
-def test_fullgraph_compile_traces_the_triton_ops(monkeypatch):
-    """Dynamo (fullgraph) + AOTAutograd trace rat_mixing's forward and backward into the Triton
-    kernel ops, as on CUDA. Without a GPU driver the kernels cannot run, so the compiled graph
-    stops after tracing; the dispatch and device guards are lifted for CPU tensors."""
-    monkeypatch.setenv("RAT_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # only read by the dispatch; kernels stay compiled
-    monkeypatch.setattr(triton_module, "INTERPRETED", True)
+def trace_cuda_program(monkeypatch, inputs, dynamic: bool):
+    """The triton_kernel_wrapper nodes of rat_mixing's forward and backward graphs, traced by
+    dynamo (fullgraph) + AOTAutograd as on CUDA: the ops' device rule is widened to CPU so they
+    launch the kernels. Without a GPU driver the kernels cannot run, so the graphs stop after
+    tracing."""
+    monkeypatch.setattr(triton_module, "TRITON_DEVICES", ("cuda", "cpu"))
     graphs = []
 
     def record(gm, example_inputs):
@@ -134,29 +146,54 @@ def test_fullgraph_compile_traces_the_triton_ops(monkeypatch):
         return stop
 
     backend = aot_autograd(fw_compiler=record, bw_compiler=record)
-    compiled = torch.compile(rat_mixing, fullgraph=True, backend=backend)
-    inputs = mixing_inputs(1, 8, 2, 8, torch.float32, device="cpu")
+    compiled = torch.compile(triton_mixing, fullgraph=True, dynamic=dynamic, backend=backend)
     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
         with pytest.raises(_StopAfterTrace):
             compiled(*inputs, 4)
-    kernels = [  # dynamo stores the launch options with the kernel as a one-config Autotuner
-        kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn
+    return [
+        node
         for gm in graphs
         for node in gm.graph.nodes
         if node.target is torch.ops.higher_order.triton_kernel_wrapper_functional
     ]
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
+def test_fullgraph_compile_traces_the_triton_ops(monkeypatch):
+    """rat_mixing's forward and backward graphs hold exactly the two Triton kernels."""
+    nodes = trace_cuda_program(monkeypatch, mixing_inputs(1, 8, 2, 8, torch.float32, "cpu"),
+                               dynamic=False)
+    kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn for node in nodes]
     assert kernels == [triton_module._scan_fwd_kernel, triton_module._scan_bwd_kernel]
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA only")
-def test_compiled_bf16_mixing_on_cuda_matches_eager_portable(monkeypatch):
-    inputs = [t.detach() for t in mixing_inputs(2, 64, 4, 64, torch.bfloat16)]
-    out = torch.compile(rat_mixing, fullgraph=True)(*inputs, 16)  # auto: Triton scan + flex
-    monkeypatch.setenv("RAT_KERNELS", "torch")
-    torch.testing.assert_close(out, rat_mixing(*inputs, 16), rtol=2e-2, atol=2e-2)
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
+def test_dynamic_compile_passes_head_dim_as_an_int(monkeypatch):
+    """Under dynamic=True the launch keeps the length symbolic but head_dim, the block width
+    and the chunk size are Python ints: a symbolic head_dim reached triton.next_power_of_2 and
+    broke inductor's codegen of the kernel."""
+    inputs = mixing_inputs(1, 12, 2, 8, torch.float32, "cpu")  # 12 != 8: no shared symbol
+    nodes = trace_cuda_program(monkeypatch, inputs, dynamic=True)
+    assert len(nodes) == 2
+    for node in nodes:
+        constants = node.kwargs["kwargs"]
+        assert {k: constants[k] for k in ("head_dim", "BLOCK_D", "CHUNK")} == dict(
+            head_dim=8, BLOCK_D=8, CHUNK=4
+        )
+        assert isinstance(constants["seq_len"], torch.fx.Node)  # still dynamic
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA only")
+@compiled_cuda
+@pytest.mark.parametrize("seq_len", [64, 300])  # below and above flex's 128-query block
+def test_compiled_bf16_mixing_on_cuda_matches_eager_portable(seq_len):
+    inputs = [t.detach() for t in mixing_inputs(2, seq_len, 4, 64, torch.bfloat16)]
+    compiled = torch.compile(rat_mixing, fullgraph=True)
+    out = compiled(*inputs, 16, kernels=MixingKernels("triton", "flex"))
+    portable = rat_mixing(*inputs, 16, kernels=MixingKernels("torch", "torch"))
+    torch.testing.assert_close(out, portable, rtol=2e-2, atol=2e-2)
+
+
+@compiled_cuda
 def test_custom_op_registration_on_cuda():
     inputs = scan_inputs(2, 19, 2, 16, torch.float32)  # requires grad: checks autograd too
     torch.library.opcheck(torch.ops.rat_titan.chunk_scan_fwd.default, (*inputs, 8))

@@ -2,15 +2,18 @@
 
 from dataclasses import dataclass
 
+from rat_plugin.ops.dispatch import ATTENTION_KERNELS, SCAN_KERNELS, check_choice
+
 MIXERS = ("rat", "attention")
 
 
 @dataclass
 class RATModelArgs:
-    """Shape of a RAT / RAT-SWA / attention language model (DESIGN.md sections 1-2).
+    """Shape of a RAT / RAT-SWA / attention language model (docs/design.md sections 1-2).
 
     Layer i uses ``mixer`` unless ``swa_window`` is set and i is odd, in which case it is
-    sliding-window attention with that window.
+    sliding-window attention with that window. ``scan_kernel`` and ``attention_kernel`` choose
+    the implementations, not the math (``rat_plugin.ops.dispatch``).
     """
 
     dim: int = 2048
@@ -25,6 +28,8 @@ class RATModelArgs:
     max_seq_len: int = 4096  # training sequence length (decoding is not capped by it)
     mixer: str = "rat"  # "rat" or "attention" (full causal attention, the baseline)
     swa_window: int | None = None  # odd layers are SWA with this window when set
+    scan_kernel: str = "auto"  # auto | torch | triton
+    attention_kernel: str = "auto"  # auto | torch | flex
 
     def __post_init__(self):
         self.validate()
@@ -40,6 +45,10 @@ class RATModelArgs:
         return self.mixer
 
     def validate(self) -> None:
+        self.scan_kernel = check_choice("scan_kernel", self.scan_kernel, SCAN_KERNELS)
+        self.attention_kernel = check_choice(
+            "attention_kernel", self.attention_kernel, ATTENTION_KERNELS
+        )
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer={self.mixer!r} is unknown: use one of {MIXERS}")
         for name in ("dim", "n_layers", "n_heads", "n_groups", "vocab_size", "ffn_hidden_dim"):

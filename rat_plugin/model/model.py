@@ -1,4 +1,4 @@
-"""RAT / RAT-SWA / attention language models (DESIGN.md section 2)."""
+"""RAT / RAT-SWA / attention language models (docs/design.md section 2)."""
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,9 @@ def build_mixer(layer_id: int, args: RATModelArgs) -> nn.Module:
     if kind == "rat":
         return RAT(args)
     window = args.swa_window if kind == "swa" else None
-    return SlidingWindowAttention(args.dim, args.n_heads, window, args.rope_base)
+    return SlidingWindowAttention(
+        args.dim, args.n_heads, window, args.rope_base, (args.scan_kernel, args.attention_kernel)
+    )
 
 
 class FeedForward(nn.Module):
@@ -75,7 +77,7 @@ class RATModel(nn.Module):
         self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Init of DESIGN.md section 2. There are no buffers; buffer_device is the torchtitan hook."""
+        """Init of docs/design.md section 2. There are no buffers; buffer_device is the torchtitan hook."""
         # Building on meta then to_empty() unties shared parameters: tie again.
         self.output.weight = self.tok_embeddings.weight
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=INIT_STD)

@@ -1,4 +1,4 @@
-"""The RAT token mixer (DESIGN.md section 1)."""
+"""The RAT token mixer (docs/design.md section 1)."""
 
 import torch
 from torch import nn
@@ -7,6 +7,7 @@ from rat_plugin.model.args import RATModelArgs
 from rat_plugin.model.cache import RATCache
 from rat_plugin.ops.chunk_scan import accumulation_dtype
 from rat_plugin.ops.decode_attention import decode_attention
+from rat_plugin.ops.dispatch import select_kernels
 from rat_plugin.ops.mixing import SummaryExchange, rat_mixing, rat_mixing_with_states
 from rat_plugin.ops.rope import apply_rope, rope_angles
 
@@ -23,6 +24,7 @@ class RAT(nn.Module):
         self.n_groups = args.n_groups
         self.chunk_size = args.chunk_size
         self.rope_base = args.rope_base
+        self.kernel_choice = (args.scan_kernel, args.attention_kernel)
         dim, group_dim = args.dim, args.n_groups * args.head_dim
         self.wq = nn.Linear(dim, group_dim, bias=False)
         self.wk = nn.Linear(dim, group_dim, bias=False)
@@ -62,12 +64,13 @@ class RAT(nn.Module):
         k = self.wk(u).view(batch, seq_len, self.n_groups, self.head_dim).repeat(1, 1, repeats, 1)
         forget_gate = torch.sigmoid(self.wg(u).float()).view(batch, seq_len, heads, self.head_dim)
         output_gate = torch.sigmoid(self.wz(u))
+        kernels = select_kernels(u.device, *self.kernel_choice)
 
         if cache is not None and cache.filled:
             out = self._decode_step(q, k, v, forget_gate, cache)
         elif cache is not None:
             out, k_state, v_state = rat_mixing_with_states(
-                q, k, v, forget_gate, self.chunk_size, self.rope_base
+                q, k, v, forget_gate, self.chunk_size, self.rope_base, kernels=kernels
             )
             cache.fill(k_state, v_state)
         else:
@@ -77,7 +80,7 @@ class RAT(nn.Module):
                 chunk_ids = chunk_ids // self.chunk_size
             out = rat_mixing(
                 q, k, v, forget_gate, self.chunk_size, self.rope_base,
-                chunk_ids=chunk_ids, summary_exchange=self.summary_exchange,
+                chunk_ids=chunk_ids, summary_exchange=self.summary_exchange, kernels=kernels,
             )
         return self.wo(output_gate * out.reshape(batch, seq_len, -1))
 

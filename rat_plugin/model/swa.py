@@ -6,23 +6,32 @@ from torch import nn
 from rat_plugin.model.cache import KVCache
 from rat_plugin.ops.chunk_scan import accumulation_dtype
 from rat_plugin.ops.decode_attention import decode_attention
+from rat_plugin.ops.dispatch import select_kernels
 from rat_plugin.ops.rope import apply_rope, rope_angles
-from rat_plugin.ops.window_attention import window_attention
 
 
 class SlidingWindowAttention(nn.Module):
     """Multi-head attention where a token sees itself and the ``window`` previous tokens.
 
-    Token-position RoPE, full-rank q/k/v, no output gate, no bias.
+    Token-position RoPE, full-rank q/k/v, no output gate, no bias. ``kernel_choice`` is the
+    model's (scan_kernel, attention_kernel): flex runs the window as a block-sparse kernel.
     """
 
-    def __init__(self, dim: int, n_heads: int, window: int | None, rope_base: float):
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        window: int | None,
+        rope_base: float,
+        kernel_choice: tuple[str, str] = ("auto", "auto"),
+    ):
         super().__init__()
         if window is not None and window < 1:
             raise ValueError(f"window={window} must be >= 1 (or None for full attention)")
         self.head_dim = dim // n_heads
         self.window = window
         self.rope_base = rope_base
+        self.kernel_choice = kernel_choice
         self.wq = nn.Linear(dim, dim, bias=False)
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
@@ -72,7 +81,8 @@ class SlidingWindowAttention(nn.Module):
             if self.halo_attention is not None and cache is None:
                 out = self.halo_attention(q, k, v, token_pos, self.window)
             else:
-                out = window_attention(q, k, v, self.window)
+                kernels = select_kernels(u.device, *self.kernel_choice)
+                out = kernels.window_attention(q, k, v, self.window)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def new_cache(self, lengths: torch.Tensor, max_len: int) -> KVCache:

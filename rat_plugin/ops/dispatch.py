@@ -1,10 +1,14 @@
-"""Backend choice for ``rat_mixing``: the portable PyTorch path or the GPU fast path.
+"""Kernel choice for the mixers: the portable PyTorch path or the GPU program.
 
-``RAT_KERNELS`` (auto | torch | triton) picks the chunk scan; ``RAT_ATTENTION`` (auto | torch |
-flex) picks the inter-chunk attention. ``auto`` (the default) means the fast path on CUDA
-tensors and the portable path elsewhere; an auto attention also follows ``RAT_KERNELS=torch``.
-The Triton scan off CUDA needs ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, for tests).
-flex attention on CPU runs eagerly and forward-only (torch has no CPU flex backward).
+A model chooses with ``RATModelArgs.scan_kernel`` (auto | torch | triton) and
+``attention_kernel`` (auto | torch | flex); the trainer sets both from ``[rat]`` in the TOML and
+logs the result once. The environment variables ``RAT_KERNELS`` and ``RAT_ATTENTION`` override
+the setting when set. ``auto`` means the GPU program on CUDA tensors (the Triton scan custom op
+and flex_attention) and the portable path elsewhere; an auto attention follows a torch scan.
+
+Off CUDA the Triton custom op runs its CPU body, so the GPU program executes on CPU too (with
+the same ops, autograd formulas and compiled graphs); flex_attention's backward is refused by
+torch on CPU (see docs/design.md, "Kernel matrix").
 """
 
 import os
@@ -15,18 +19,25 @@ import torch
 
 from rat_plugin.ops.chunk_attention import chunk_attention
 from rat_plugin.ops.chunk_scan import chunk_scan
+from rat_plugin.ops.window_attention import window_attention
 
 KERNELS_ENV = "RAT_KERNELS"
 ATTENTION_ENV = "RAT_ATTENTION"
-_KERNEL_CHOICES = ("auto", "torch", "triton")
-_ATTENTION_CHOICES = ("auto", "torch", "flex")
+SCAN_KERNELS = ("auto", "torch", "triton")
+ATTENTION_KERNELS = ("auto", "torch", "flex")
 
 
-def _env_choice(name: str, choices: tuple[str, ...]) -> str:
-    value = os.environ.get(name, "auto").strip().lower() or "auto"
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    value = value.strip().lower() or "auto"
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
     return value
+
+
+def _override(env: str, configured: str, choices: tuple[str, ...], setting: str) -> str:
+    if env in os.environ:
+        return check_choice(env, os.environ[env], choices)
+    return check_choice(setting, configured, choices)
 
 
 @dataclass(frozen=True)
@@ -52,19 +63,25 @@ class MixingKernels:
             return flex_chunk_attention
         return chunk_attention
 
+    @property
+    def window_attention(self) -> Callable[..., torch.Tensor]:
+        if self.attention == "flex":
+            from rat_plugin.ops.flex_window_attention import flex_window_attention
 
-def select_kernels(device: torch.device) -> MixingKernels:
-    """Read RAT_KERNELS / RAT_ATTENTION and pick the kernels for tensors on ``device``."""
-    kernels = _env_choice(KERNELS_ENV, _KERNEL_CHOICES)
-    attention = _env_choice(ATTENTION_ENV, _ATTENTION_CHOICES)
+            return flex_window_attention
+        return window_attention
+
+
+def select_kernels(
+    device: torch.device, scan: str = "auto", attention: str = "auto"
+) -> MixingKernels:
+    """The configured kernels (``RAT_KERNELS`` / ``RAT_ATTENTION`` override them) with ``auto``
+    resolved for tensors on ``device``."""
+    scan = _override(KERNELS_ENV, scan, SCAN_KERNELS, "scan_kernel")
+    attention = _override(ATTENTION_ENV, attention, ATTENTION_KERNELS, "attention_kernel")
     on_cuda = device.type == "cuda"
-    if kernels == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"{KERNELS_ENV}=triton needs CUDA tensors (got {device.type}) or TRITON_INTERPRET=1 "
-            f"(Triton's CPU interpreter); use {KERNELS_ENV}=auto or torch on this machine"
-        )
-    if kernels == "auto":
-        kernels = "triton" if on_cuda else "torch"
+    if scan == "auto":
+        scan = "triton" if on_cuda else "torch"
     if attention == "auto":
-        attention = "flex" if on_cuda and kernels != "torch" else "torch"
-    return MixingKernels(scan=kernels, attention=attention)
+        attention = "flex" if on_cuda and scan == "triton" else "torch"
+    return MixingKernels(scan=scan, attention=attention)

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 
 from rat_plugin.ops.chunk_scan import accumulation_dtype
-from rat_plugin.ops.dispatch import select_kernels
+from rat_plugin.ops.dispatch import MixingKernels, select_kernels
 from rat_plugin.ops.rope import apply_rope, rope_angles
 
 # (summary_k, summary_v, summary_chunk) -> the same, gathered over a context-parallel group.
@@ -24,8 +24,9 @@ def rat_mixing(
     *,
     chunk_ids: torch.Tensor | None = None,
     summary_exchange: SummaryExchange | None = None,
+    kernels: MixingKernels | None = None,
 ) -> torch.Tensor:
-    """RAT token mixing (DESIGN.md section 1, steps 3-5).
+    """RAT token mixing (docs/design.md section 1, steps 3-5).
 
     q, k, v, forget_gate: (batch, seq, heads, head_dim); q and k expanded per head, the gate in
     (0, 1). Returns (batch, seq, heads, head_dim) in the dtype of q.
@@ -33,10 +34,11 @@ def rat_mixing(
     chunk_ids (seq,) gives the global chunk index of each token when the sequence is a set of
     chunk-aligned pieces (context parallel); summary_exchange gathers chunk summaries from the
     other pieces. Both default to one whole sequence starting at position 0.
+    kernels: the implementations (docs/design.md, "Kernel matrix"); default ``select_kernels``.
     """
     out, _, _ = rat_mixing_with_states(
         q, k, v, forget_gate, chunk_size, rope_base,
-        chunk_ids=chunk_ids, summary_exchange=summary_exchange,
+        chunk_ids=chunk_ids, summary_exchange=summary_exchange, kernels=kernels,
     )
     return out
 
@@ -51,6 +53,7 @@ def rat_mixing_with_states(
     *,
     chunk_ids: torch.Tensor | None = None,
     summary_exchange: SummaryExchange | None = None,
+    kernels: MixingKernels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rat_mixing`` that also returns the running states (kt unrotated, vt) for a decode cache."""
     if chunk_size < 1:
@@ -64,7 +67,7 @@ def rat_mixing_with_states(
             "context-parallel pieces must hold whole chunks"
         )
     acc = accumulation_dtype(q.dtype)
-    kernels = select_kernels(q.device)  # portable path or GPU fast path (RAT_KERNELS)
+    kernels = kernels or select_kernels(q.device)
     k_state, v_state = kernels.chunk_scan(k, v, forget_gate, chunk_size)  # (B, T, H, d), acc
 
     cos, sin = rope_angles(chunk_ids, head_dim, rope_base, acc)  # (T, d)
