@@ -31,6 +31,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cpu_flex_backward(monkeypatch):
+    """Lift torch's CPU guard against flex_attention backward inside one test (what the GPU
+    recipe's dry run does for a whole trainer run: rat_plugin/infra/dry_run.py)."""
+    import torch.nn.attention.flex_attention as flex_frontend
+
+    monkeypatch.setattr(flex_frontend, "_validate_device", lambda query, key, value: None)
+
+
 def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, timeout=300):
     """Run ``torchrun -m torchtitan.train`` on ``config`` from the repo root; returns the
     CompletedProcess (stdout and stderr merged)."""
