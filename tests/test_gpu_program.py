@@ -9,9 +9,13 @@ the eager portable model's. Tracing ``create_block_mask`` inside a compiled chec
 failed in dynamo ("Attempted to mutate TorchFunctionModeStackVariable"): the AC cases catch that.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torchtitan.config import JobConfig
 from torchtitan.distributed import ParallelDims
 
@@ -70,3 +74,45 @@ def test_compiled_checkpointed_gpu_program_matches_eager_portable(kind, ac):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+COMPUTE_OPS = {  # what a checkpoint policy typically saves: matmuls and attention kernels
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch._higher_order_ops.flex_attention,
+}
+
+
+def save_compute(ctx, func, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if func in COMPUTE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_all(ctx, func, *args, **kwargs):
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointed(model: RATModel, policy) -> RATModel:
+    for layer_id, block in model.layers.items():
+        context = functools.partial(create_selective_checkpoint_contexts, policy)
+        model.layers[layer_id] = checkpoint_wrapper(block, context_fn=context)
+    return model
+
+
+@pytest.mark.parametrize("policy", [save_compute, recompute_all])
+@pytest.mark.parametrize("kernels", [PORTABLE, GPU], ids=["portable", "gpu"])
+def test_any_checkpoint_policy_keeps_the_gradients(kernels, policy):
+    """A saved op output that a later op mutates in place comes back mutated at recompute: no op
+    of ours may mutate what a policy could save (the blocked chunk attention masked, shifted and
+    added into its matmul outputs in place, which changed the gradients under a policy saving
+    bmm)."""
+    tokens = torch.randint(0, 2048, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(2))
+    want_loss, want = loss_and_grads(build("rat_swa", kernels), tokens)
+    got_loss, got = loss_and_grads(checkpointed(build("rat_swa", kernels), policy), tokens)
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)

@@ -1,4 +1,5 @@
-"""Softmax over earlier chunk summaries plus the token's own running state (DESIGN.md step 5)."""
+"""Softmax over earlier chunk summaries plus the token's own running state (docs/design.md
+section 1, step 5)."""
 
 import torch
 
@@ -30,7 +31,8 @@ def chunk_attention(
     Eager calls run query block by query block, flash-attention style: a block only scores the
     summaries some of its queries can see (half the score matrix for a whole sequence), the own
     state is merged by log-sum-exp, and the backward recomputes the scores instead of storing
-    them. Under torch.compile the plain dense formula is traced instead.
+    them. Under torch.compile the plain dense formula is traced instead. The forward mutates no
+    op output (an activation-checkpointing policy may save any of them).
     """
     if torch.compiler.is_compiling():
         return _dense_chunk_attention(
@@ -78,8 +80,8 @@ def _block_scores(q_scaled, summary_k, query_chunk, summary_chunk, start, end, f
     """Masked scores (B, H, block, seen) of queries start:end against the first seen summaries."""
     scores = torch.matmul(q_scaled[:, :, start:end], summary_k[:, :, :seen].transpose(-1, -2))
     if full < seen:
-        visible = _earlier(query_chunk[start:end], summary_chunk[full:seen])
-        scores[..., full:].masked_fill_(~visible, float("-inf"))
+        hidden = ~_earlier(query_chunk[start:end], summary_chunk[:seen])
+        scores = scores.masked_fill(hidden, float("-inf"))
     return scores
 
 
@@ -105,10 +107,10 @@ class _BlockedChunkAttention(torch.autograd.Function):
                 q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen
             )
             top = torch.maximum(scores.amax(-1), own_b)  # finite: the own score is
-            probs = scores.sub_(top[..., None]).exp_()
-            p_own = (own_b - top).exp_()
+            probs = torch.exp(scores - top[..., None])
+            p_own = torch.exp(own_b - top)
             total = probs.sum(-1) + p_own
-            block_out = torch.matmul(probs, summary_v[:, :, :seen]).addcmul_(p_own[..., None], v_b)
+            block_out = torch.matmul(probs, summary_v[:, :, :seen]) + p_own[..., None] * v_b
             out[:, :, start:end] = block_out / total[..., None]
             lse[..., start:end] = top + total.log()
         ctx.save_for_backward(q, k_state, v_state, summary_k, summary_v, query_chunk,
