@@ -14,6 +14,8 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._C import DispatchKey
+from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from torchtitan.config import JobConfig
@@ -42,11 +44,11 @@ def build(kind: str, kernels: tuple[str, str]) -> RATModel:
     return model
 
 
-def wrapped(model: RATModel, ac: str) -> RATModel:
+def wrapped(model: RATModel, ac: str, compile: bool = True) -> RATModel:
     """``parallelize_rat`` on one process: AC as configured, then per-block compile."""
     job = JobConfig()
     job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option = AC[ac]
-    job.compile.enable, job.compile.backend, job.compile.components = True, "aot_eager", ["model"]
+    job.compile.enable, job.compile.backend, job.compile.components = compile, "aot_eager", ["model"]
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
     return parallelize_rat(model, dims, job)
 
@@ -116,3 +118,28 @@ def test_any_checkpoint_policy_keeps_the_gradients(kernels, policy):
     torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=0)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.fixture
+def flex_runs(monkeypatch):
+    """Every execution of flex_attention's forward (torch's reference implementation on CPU)."""
+    runs = []
+    kernel = flex_hop.py_kernels[DispatchKey.CompositeExplicitAutograd]
+
+    def counted(*args, **kwargs):
+        runs.append(args[0].shape)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setitem(flex_hop.py_kernels, DispatchKey.CompositeExplicitAutograd, counted)
+    return runs
+
+
+def test_selective_op_ac_saves_flex_instead_of_recomputing_it(flex_runs):
+    """Our op save list keeps flex's outputs, as torchtitan's llama3 list does: backward does not
+    run the attention forward again."""
+    model = wrapped(build("rat_swa", GPU), "selective-op", compile=False)
+    tokens = torch.randint(0, 2048, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(3))
+    logits = model(tokens[:, :-1])
+    assert len(flex_runs) == 2  # layer 0 RAT (summaries), layer 1 SWA (window 64 < 256)
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    assert len(flex_runs) == 2

@@ -37,13 +37,16 @@ from torchtitan.tools.logging import logger
 
 from rat_plugin.infra import ConfigError, cpu
 
-# Selective op AC keeps these outputs (and every other matmul) instead of recomputing them.
+# Selective op AC keeps these outputs (and every other matmul) instead of recomputing them:
+# torchtitan llama3's list, with flex_attention (RAT's summary attention and SWA on GPUs).
 _OP_SAC_SAVE_LIST = {
     torch.ops.aten.mm.default,
     torch.ops.aten.max.default,
     torch.ops._c10d_functional.reduce_scatter_tensor.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch._higher_order_ops.flex_attention,
 }
 
 
