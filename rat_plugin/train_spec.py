@@ -12,6 +12,7 @@ import dataclasses
 import os
 import sys
 
+import torch
 from torch import nn
 from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
@@ -26,12 +27,14 @@ from torchtitan.protocols.model_converter import (
     register_model_converter,
 )
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+from torchtitan.tools.logging import logger
 
 from rat_plugin.data.datasets import PREPARE_HINT, check_dataset_path, register_datasets
 from rat_plugin.infra import ConfigError, cpu
 from rat_plugin.infra.parallelize import parallelize_rat
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
+from rat_plugin.ops.dispatch import KERNELS_ENV, ATTENTION_ENV, select_kernels
 
 
 @dataclasses.dataclass
@@ -55,6 +58,7 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
                     f"pieces of whole chunks: use a multiple of {pieces * self.chunk_size}"
                 )
         self.max_seq_len = seq_len
+        self.choose_kernels(job_config)
         tokenizer_json = os.path.join(job_config.model.hf_assets_path, "tokenizer.json")
         if os.path.exists(tokenizer_json):
             vocab = HuggingFaceTokenizer(job_config.model.hf_assets_path).get_vocab_size()
@@ -64,6 +68,38 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
                     f"has {vocab} tokens but the model's vocab_size is {self.vocab_size}: "
                     "use the model's tokenizer or a flavor with a larger vocabulary"
                 )
+
+    def choose_kernels(self, job_config: JobConfig) -> None:
+        """Resolve ``[rat] scan_kernel / attention_kernel`` (and their environment overrides)
+        once for the trainer's device, and log the result (docs/design.md, "Kernel matrix")."""
+        rat = getattr(job_config, "rat", None)  # absent without the custom_config_module
+        if rat is not None:
+            self.scan_kernel, self.attention_kernel = rat.scan_kernel, rat.attention_kernel
+        device = "cuda" if not cpu.cpu_mode() or cpu.KERNELS_AS_ON_CUDA else "cpu"
+        try:
+            kernels = select_kernels(torch.device(device), self.scan_kernel, self.attention_kernel)
+        except ValueError as e:
+            raise ConfigError(f"[rat] {e}") from None
+        if cpu.cpu_mode() and not cpu.KERNELS_AS_ON_CUDA and kernels.attention == "flex":
+            raise ConfigError(
+                "[rat] attention_kernel=flex cannot train on CPU ranks (torch has no "
+                "flex_attention backward there): use auto or torch, or run the GPU program "
+                "on CPU with tools/dry_run.py"
+            )
+        scan = "Triton custom op" if kernels.scan == "triton" else "portable"
+        if kernels.scan == "triton" and cpu.cpu_mode():
+            scan += ", CPU body"
+        attention = "flex_attention" if kernels.attention == "flex" else "portable"
+        sources = [f"[rat] scan_kernel={self.scan_kernel!r}, "
+                   f"attention_kernel={self.attention_kernel!r}"]
+        sources += [f"{e}={os.environ[e]}" for e in (KERNELS_ENV, ATTENTION_ENV) if e in os.environ]
+        if cpu.KERNELS_AS_ON_CUDA:
+            sources.append("dry run: auto as on CUDA")
+        logger.info(
+            f"RAT kernels: scan={kernels.scan} ({scan}), attention={kernels.attention} "
+            f"({attention}); {'; '.join(sources)}"
+        )
+        self.scan_kernel, self.attention_kernel = kernels.scan, kernels.attention
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """(parameters, training FLOPs per token) with RAT's real mixing cost.

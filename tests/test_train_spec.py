@@ -103,6 +103,46 @@ def test_missing_dataset_names_the_setting(debug_assets, tmp_path):
                             job_config=job("rat_1p3b.toml"))
 
 
+@pytest.mark.parametrize(
+    "options,env,chosen,logged",
+    [
+        ((), {}, ("torch", "torch"), "scan=torch (portable), attention=torch (portable); "
+         "[rat] scan_kernel='auto', attention_kernel='auto'"),
+        (("--rat.scan_kernel", "triton"), {}, ("triton", "torch"),
+         "scan=triton (Triton custom op, CPU body), attention=torch (portable)"),
+        (("--rat.scan_kernel", "triton"), {"RAT_KERNELS": "torch"}, ("torch", "torch"),
+         "attention_kernel='auto'; RAT_KERNELS=torch"),
+    ],
+)
+def test_kernel_choice_is_resolved_once_and_logged(options, env, chosen, logged, caplog,
+                                                   monkeypatch, debug_assets):
+    for name in ("RAT_KERNELS", "RAT_ATTENTION"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = fresh_args()
+    with caplog.at_level("INFO"):
+        args.update_from_config(job("rat_debug.toml", *options))
+    assert (args.scan_kernel, args.attention_kernel) == chosen
+    assert "RAT kernels: " in caplog.text and logged in caplog.text
+
+
+@pytest.mark.parametrize(
+    "options,error",
+    [
+        (("--rat.scan_kernel", "fast"), r"\[rat\] scan_kernel='fast' is not one of auto, torch, "
+         "triton"),
+        (("--rat.attention_kernel", "flex"), r"attention_kernel=flex cannot train on CPU ranks .*"
+         "tools/dry_run.py"),
+    ],
+)
+def test_bad_kernel_choice_is_a_config_error(options, error, monkeypatch, debug_assets):
+    for name in ("RAT_KERNELS", "RAT_ATTENTION"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match=error):
+        fresh_args().update_from_config(job("rat_debug.toml", *options))
+
+
 def test_float8_converter_name_points_at_the_real_one():
     config = job("rat_debug.toml", "--model.converters", "float8")
     with pytest.raises(ConfigError, match=r'named "quantize.linear.float8"'):
@@ -164,6 +204,8 @@ def test_rat_mixing_is_cheaper_than_attention():
 def test_shipped_configs_are_valid(config, debug_assets):
     job_config = job(config)
     assert job_config.experimental.custom_import == "rat_plugin.train_spec"
+    assert job_config.job.custom_config_module == "rat_plugin.infra.config"
+    assert (job_config.rat.scan_kernel, job_config.rat.attention_kernel) == ("auto", "auto")
     spec = get_train_spec(job_config.model.name)
     args = ts.RATTitanArgs(**vars(spec.model_args[job_config.model.flavor]))
     args.update_from_config(job_config)

@@ -64,6 +64,10 @@ CPUDeviceModule = types.SimpleNamespace(
 )
 
 
+# Set by the GPU recipe's dry run (infra/dry_run.py): "auto" kernels resolve as on CUDA.
+KERNELS_AS_ON_CUDA = False
+
+
 def cpu_mode() -> bool:
     return not torch.cuda.is_available()
 

@@ -1,0 +1,21 @@
+"""The plugin's own TOML section, ``[rat]``: add ``[job] custom_config_module =
+"rat_plugin.infra.config"`` to a config (every shipped one has it) to set it in the TOML or as
+``--rat.<field>`` on the command line."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RATConfig:
+    scan_kernel: str = "auto"
+    """Intra-chunk scan: auto (the Triton custom op on CUDA, the portable scan elsewhere),
+    torch or triton. The environment variable RAT_KERNELS overrides it."""
+
+    attention_kernel: str = "auto"
+    """Attention over chunk summaries and SWA windows: auto (flex_attention on CUDA with the
+    Triton scan, the portable kernels elsewhere), torch or flex. RAT_ATTENTION overrides it."""
+
+
+@dataclass
+class JobConfig:
+    rat: RATConfig = field(default_factory=RATConfig)
