@@ -54,6 +54,31 @@ def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, time
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
 
 
+class SeedCheckpoints:
+    """Seed checkpoints (model weights at init, ``--checkpoint.create_seed_checkpoint``), one per
+    debug config, written once per session and loaded by every trainer run that is compared with
+    another (``--checkpoint.initial_load_path``): sharded runs would draw a different init."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._paths: dict[str, Path] = {}
+
+    def __call__(self, config: str) -> Path:
+        if config not in self._paths:
+            dump = self.root / config
+            run = launch(config, dump, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint",
+                         "--parallelism.data_parallel_shard_degree=1", nproc=1)
+            assert run.returncode == 0, run.stdout[-4000:]
+            self._paths[config] = dump / "checkpoint" / "step-0"
+            assert (self._paths[config] / ".metadata").is_file()
+        return self._paths[config]
+
+
+@pytest.fixture(scope="session")
+def seed_checkpoint(tmp_path_factory) -> SeedCheckpoints:
+    return SeedCheckpoints(tmp_path_factory.mktemp("seeds"))
+
+
 def tb_losses(dump_folder: Path) -> dict[int, float]:
     """step -> global average loss from the run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

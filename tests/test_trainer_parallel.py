@@ -2,9 +2,8 @@
 (``torchrun -m torchtitan.train``): each run starts from one seed checkpoint and must log the same
 per-step losses as one process running none of them, within 1e-4.
 
-Sharded runs draw a different random init, so a single-process run first writes a seed checkpoint
-(``--checkpoint.create_seed_checkpoint``) and every run loads it
-(``--checkpoint.initial_load_path``). TP and CP keep data parallelism at 1, so every run reads the
+Sharded runs draw a different random init, so every run loads the session's seed checkpoint
+(conftest ``seed_checkpoint``). TP and CP keep data parallelism at 1, so every run reads the
 same batches in the same order (``debug.deterministic``, seed 42). The one-process run of each
 config is computed once and shared by all its comparisons.
 
@@ -20,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import launch, tb_losses
+from conftest import SeedCheckpoints, launch, tb_losses
 
 from rat_plugin.infra import ConfigError
 from rat_plugin.infra.parallelize import check_compile
@@ -86,21 +85,10 @@ COMPILE_AC = {
 class Runs:
     """Launches trainer runs under one folder; seeds and one-process references are cached."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, seed: SeedCheckpoints):
         self.root = root
-        self._seeds: dict[str, Path] = {}
+        self.seed = seed
         self._references: dict[str, dict[int, float]] = {}
-
-    def seed(self, config: str) -> Path:
-        if config not in self._seeds:
-            dump = self.root / f"seed-{config}"
-            run = launch(config, dump, *SHAPE, "--checkpoint.enable",
-                         "--checkpoint.create_seed_checkpoint",
-                         "--parallelism.data_parallel_shard_degree=1", nproc=1)
-            assert run.returncode == 0, run.stdout[-4000:]
-            self._seeds[config] = dump / "checkpoint" / "step-0"
-            assert (self._seeds[config] / ".metadata").is_file()
-        return self._seeds[config]
 
     def losses(self, name: str, config: str, *options: str, nproc: int = 1,
                expect: tuple[str, ...] = ()) -> dict[int, float]:
@@ -128,8 +116,8 @@ class Runs:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> Runs:
-    return Runs(tmp_path_factory.mktemp("trainer_parallel"))
+def runs(tmp_path_factory, seed_checkpoint) -> Runs:
+    return Runs(tmp_path_factory.mktemp("trainer_parallel"), seed_checkpoint)
 
 
 def assert_same_losses(name: str, case: Case, runs: Runs) -> None:
