@@ -5,7 +5,9 @@ summaries followed by its own running state, SWA's ring buffer (all of it once f
 KV cache. One kernel therefore serves all three: flash-attn's kv-cache kernel when it is
 installed and the tensors are fp16/bf16 on CUDA, PyTorch SDPA with a prefix mask otherwise.
 ``RAT_DECODE_ATTENTION`` (auto | sdpa | flash) forces either. Neither reads anything back to
-the host, so a decode step can be captured in a CUDA graph.
+the host, so a decode step can be captured in a CUDA graph. The flash-attn call is wrapped in
+the custom op ``rat_titan::flash_decode``: dynamo cannot trace a raw extension call, but it can
+an opaque op, so ``torch.compile(fullgraph=True)`` of a decode step works with either backend.
 """
 
 import os
@@ -40,6 +42,28 @@ def decode_backend(q: torch.Tensor) -> str:
     return "sdpa"
 
 
+@torch.library.custom_op("rat_titan::flash_decode", mutates_args=())
+def flash_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """flash-attn's kv-cache kernel over the first ``lengths`` (int32) slots: q (B, H, d),
+    caches (B, H, slots, d) -> (B, H, d)."""
+    out = flash_attn_with_kvcache(
+        q[:, None],  # (B, 1, H, d)
+        keys.transpose(1, 2),  # (B, slots, H, d) views: flash reads them by stride
+        values.transpose(1, 2),
+        cache_seqlens=lengths,
+        softmax_scale=scale,
+        causal=False,
+    )
+    return out[:, 0].contiguous()
+
+
+@flash_decode.register_fake
+def _(q, keys, values, lengths, scale):
+    return torch.empty_like(q)
+
+
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -48,15 +72,7 @@ def decode_attention(
     q and keys are already rotated; every length must be >= 1. Returns (B, H, d) in q's dtype.
     """
     if decode_backend(q) == "flash":
-        out = flash_attn_with_kvcache(
-            q[:, None],  # (B, 1, H, d)
-            keys.transpose(1, 2),  # (B, slots, H, d) views: flash reads them by stride
-            values.transpose(1, 2),
-            cache_seqlens=lengths.to(torch.int32),
-            softmax_scale=scale,
-            causal=False,
-        )
-        return out[:, 0]
+        return flash_decode(q, keys, values, lengths.to(torch.int32), scale)
     slots = keys.shape[2]
     visible = torch.arange(slots, device=q.device) < lengths[:, None]  # (B, slots)
     out = F.scaled_dot_product_attention(
