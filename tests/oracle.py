@@ -1,4 +1,4 @@
-"""Independent reference implementations, written straight from DESIGN.md with plain loops."""
+"""Independent reference implementations, written straight from docs/design.md with plain loops."""
 
 import math
 
@@ -19,7 +19,7 @@ def rotate(x: torch.Tensor, position: int, base: float) -> torch.Tensor:
 
 
 def rat_mixing_loop(q, k, v, g, chunk_size, rope_base=10000.0):
-    """Per-token loop over DESIGN.md section 1 steps 3-5. All inputs (B, T, H, d)."""
+    """Per-token loop over docs/design.md section 1 steps 3-5. All inputs (B, T, H, d)."""
     _, seq_len, _, d = q.shape
     outs = []
     summaries_k, summaries_v = [], []  # rotated by their chunk index

@@ -1,5 +1,5 @@
 """Standalone generation: cached decoding against full recomputation, cache sizes against the
-DESIGN.md section 3 formula, sampling options, loading, the CLI and its errors."""
+docs/design.md section 3 formula, sampling options, loading, the CLI and its errors."""
 
 import shutil
 from pathlib import Path
@@ -73,7 +73,7 @@ def test_bf16_cached_generation_tracks_bf16_recomputation(kind):
 
 
 def expected_layer_bytes(kind_of_layer: str, P: int, H: int, d: int, L: int, W: int, itemsize: int):
-    """DESIGN.md section 3 in our slot layout (the current chunk's rotated state takes a slot),
+    """docs/design.md section 3 in our slot layout (the current chunk's rotated state takes a slot),
     written out independently of rat_plugin.generate.memory."""
     if kind_of_layer == "rat":
         return 2 * H * d * -(-P // L) * itemsize + 2 * H * d * 4

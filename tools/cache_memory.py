@@ -1,4 +1,4 @@
-"""Decode-cache memory per sequence (DESIGN.md section 3): RAT vs attention vs SWA.
+"""Decode-cache memory per sequence (docs/design.md section 3): RAT vs attention vs SWA.
 
     python tools/cache_memory.py [--flavor 1.3B] [--dtype bf16] [--positions 1024 4096 16384]
 

@@ -1,4 +1,4 @@
-"""Decode-cache size per sequence (DESIGN.md section 3), from the shapes alone."""
+"""Decode-cache size per sequence (docs/design.md section 3), from the shapes alone."""
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Decoding caches (DESIGN.md section 3), one per layer, for batches of mixed prompt lengths.
+"""Decoding caches (docs/design.md section 3), one per layer, for batches of mixed prompt lengths.
 
 A cache is created empty with each sequence's prompt length and the most tokens any sequence
 will reach (``max_len``), filled by the layer's prefill forward, then advanced by one token per
