@@ -13,7 +13,9 @@ Sliding-window layers (RAT-SWA) need, for each local piece, the W tokens before 
 other pieces. Every rank sends the rotated K and V of the last min(W, piece) tokens of each of its
 pieces (one autograd all-gather per layer); each piece then attends to [its halo | itself] under
 the window mask on global positions. The halo layout (which gathered tokens precede which piece)
-is computed once per forward from ``positions`` by a pre-hook, outside any compiled region.
+is computed by a pre-hook, outside any compiled region, once per shape of ``positions`` (with a
+host sync and small collectives); later forwards only check on the device, without a sync, that
+their positions are the ones it was computed from.
 Per layer each rank sends min(W, piece) tokens' K and V per piece, independent of T.
 
 Refused (a clear error, never wrong numbers): full-attention layers (the attention baselines)
@@ -66,14 +68,42 @@ def _positions(args: tuple, kwargs: dict) -> torch.Tensor:
     return (positions[0] if positions.dim() == 2 else positions).long()
 
 
+class OncePerShape:
+    """What the pre-hooks derive from ``positions``, kept per positions shape: the trainer hands
+    every step the same positions for a shape. A later lookup asserts, on the device (no host
+    sync), that the positions are the ones the entry was derived from."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+    def get(self, pos: torch.Tensor):
+        entry = self._entries.get((tuple(pos.shape), pos.device))
+        if entry is None:
+            return None
+        first, value = entry
+        torch._assert_async(
+            (pos == first).all(),
+            "context parallel: the positions changed for an earlier positions shape; the CP "
+            "layout is derived once per shape",
+        )
+        return value
+
+    def put(self, pos: torch.Tensor, value) -> None:
+        self._entries[(tuple(pos.shape), pos.device)] = (pos.clone(), value)
+
+
 class PieceAlignmentCheck:
-    """Forward pre-hook: CP needs ``positions`` and pieces made of whole chunks."""
+    """Forward pre-hook: CP needs ``positions`` and pieces made of whole chunks (checked once
+    per positions shape)."""
 
     def __init__(self, chunk_size: int, cp: int):
         self.chunk_size, self.cp = chunk_size, cp
+        self._checked = OncePerShape()
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         pos = _positions(args, kwargs)
+        if self._checked.get(pos):
+            return
         L, cp = self.chunk_size, self.cp
         aligned = pos.numel() % L == 0
         if aligned:
@@ -90,6 +120,7 @@ class PieceAlignmentCheck:
                 f"multiple of 2 * cp * chunk_size = {2 * cp * L} (headtail balancer) or of "
                 f"cp * chunk_size = {cp * L} (no load balancer)"
             )
+        self._checked.put(pos, True)
 
 
 class HaloLayout:
@@ -103,9 +134,19 @@ class HaloLayout:
 
     def __init__(self, cp_mesh: DeviceMesh, window: int):
         self.cp_mesh, self.window = cp_mesh, window
+        self._layouts = OncePerShape()
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         pos = _positions(args, kwargs)
+        layout = self._layouts.get(pos)
+        if layout is None:
+            layout = self._layout(pos)
+            self._layouts.put(pos, layout)
+        self.pieces, self.send, self.halo, self.key_pos = layout
+
+    def _layout(self, pos: torch.Tensor) -> tuple:
+        """(pieces, send, halo, key_pos) for these positions: a host sync and collectives over
+        the CP group (every rank has the same positions shape, so all compute it together)."""
         breaks = ((pos[1:] != pos[:-1] + 1).nonzero().flatten() + 1).tolist()
         bounds = [0, *breaks, pos.numel()]
         runs = list(itertools.pairwise(bounds))
@@ -125,21 +166,20 @@ class HaloLayout:
                 f"runs of {[end - start for start, end in runs]} tokens: use the headtail load "
                 "balancer or none"
             )
-        self.pieces = [(a, a + piece) for start, end in runs for a in range(start, end, piece)]
+        pieces = [(a, a + piece) for start, end in runs for a in range(start, end, piece)]
         tail = min(self.window, piece)
-        self.send = torch.cat([torch.arange(end - tail, end) for _, end in self.pieces]).to(
-            pos.device
-        )
-        gathered = pos.new_empty(self.send.numel() * self.cp_mesh.size())
-        dist.all_gather_into_tensor(gathered, pos[self.send], group=group)
-        self.halo, self.key_pos = [], []
-        for start, end in self.pieces:
+        send = torch.cat([torch.arange(end - tail, end) for _, end in pieces]).to(pos.device)
+        gathered = pos.new_empty(send.numel() * self.cp_mesh.size())
+        dist.all_gather_into_tensor(gathered, pos[send], group=group)
+        halos, key_pos = [], []
+        for start, end in pieces:
             first = int(pos[start])
             halo = ((gathered >= first - self.window) & (gathered < first)).nonzero().flatten()
             if halo.numel() != min(self.window, first):  # cannot happen with equal pieces
                 raise ConfigError(f"the sliding-window halo of position {first} is incomplete")
-            self.halo.append(halo)
-            self.key_pos.append(torch.cat((gathered[halo], pos[start:end])))
+            halos.append(halo)
+            key_pos.append(torch.cat((gathered[halo], pos[start:end])))
+        return pieces, send, halos, key_pos
 
 
 class HaloAttention:

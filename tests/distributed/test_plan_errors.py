@@ -5,11 +5,12 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 from harness import build_model, model_args
 from torch import nn
 
 from rat_plugin.infra import ConfigError
-from rat_plugin.infra.context_parallel import PieceAlignmentCheck, apply_cp
+from rat_plugin.infra.context_parallel import HaloLayout, PieceAlignmentCheck, apply_cp
 from rat_plugin.infra.float8 import float8_module_filter
 from rat_plugin.infra.tensor_parallel import apply_tp, check_tp_degree
 
@@ -49,14 +50,52 @@ def _headtail_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
 
 
 def test_piece_alignment_check():
-    check = PieceAlignmentCheck(chunk_size=16, cp=2)
-    for rank in range(2):
+    for rank in range(2):  # one check per rank, as each rank's model has its own
+        check = PieceAlignmentCheck(chunk_size=16, cp=2)
         check(None, (None,), {"positions": _headtail_positions(128, 2, rank)})
     # 96 tokens: pieces of 24 are not whole chunks although each rank holds 48 = 3 * 16.
     with pytest.raises(ConfigError, match="seq_len=96 over cp=2 .* chunk_size=16"):
         check(None, (None,), {"positions": _headtail_positions(96, 2, 0)})
     with pytest.raises(ConfigError, match="needs the global `positions`"):
         check(None, (None,), {})
+
+
+def test_cp_layout_is_derived_once_per_positions_shape(tmp_path, monkeypatch):
+    """The CP pre-hooks sync with the host and run collectives only for a new positions shape;
+    later forwards check on the device that the positions are unchanged."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1),
+                            rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        hooks = (PieceAlignmentCheck(chunk_size=16, cp=1), HaloLayout(mesh, window=8))
+        collectives = []
+        for name in ("all_reduce", "all_gather_into_tensor"):
+            original = getattr(dist, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                collectives.append(_name)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(dist, name, counted)
+
+        def forward(positions):
+            for hook in hooks:
+                hook(None, (None, positions[None].expand(2, -1)), {})
+
+        forward(torch.arange(64))
+        first = len(collectives)
+        assert first == 3  # the piece length, evenness, and the gathered tail positions
+        for _ in range(3):
+            forward(torch.arange(64))
+        assert len(collectives) == first and hooks[1].pieces == [(0, 64)]
+        forward(torch.arange(128))  # a new shape: derived again
+        assert len(collectives) == 2 * first and hooks[1].pieces == [(0, 128)]
+        with pytest.raises(RuntimeError, match="the positions changed"):
+            forward(torch.arange(64, 128))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_float8_filter():
