@@ -80,16 +80,17 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
             kernels = select_kernels(torch.device(device), self.scan_kernel, self.attention_kernel)
         except ValueError as e:
             raise ConfigError(f"[rat] {e}") from None
-        if cpu.cpu_mode() and not cpu.KERNELS_AS_ON_CUDA and kernels.attention == "flex":
+        on_cpu = cpu.cpu_mode() and not cpu.KERNELS_AS_ON_CUDA
+        if on_cpu and kernels.attention.startswith("flex"):
             raise ConfigError(
-                "[rat] attention_kernel=flex cannot train on CPU ranks (torch has no "
-                "flex_attention backward there): use auto or torch, or run the GPU program "
-                "on CPU with tools/dry_run.py"
+                f"[rat] attention_kernel={kernels.attention} cannot train on CPU ranks (torch "
+                "has no flex_attention backward there): use auto or torch, or run the GPU "
+                "program on CPU with tools/dry_run.py"
             )
-        scan = "Triton custom op" if kernels.scan == "triton" else "portable"
-        if kernels.scan == "triton" and cpu.cpu_mode():
+        scan = "Triton custom op" if kernels.scan.startswith("triton") else "portable"
+        if scan != "portable" and cpu.cpu_mode():
             scan += ", CPU body"
-        attention = "flex_attention" if kernels.attention == "flex" else "portable"
+        attention = "flex_attention" if kernels.attention.startswith("flex") else "portable"
         sources = [f"[rat] scan_kernel={self.scan_kernel!r}, "
                    f"attention_kernel={self.attention_kernel!r}"]
         sources += [f"{e}={os.environ[e]}" for e in (KERNELS_ENV, ATTENTION_ENV) if e in os.environ]

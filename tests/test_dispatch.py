@@ -29,6 +29,8 @@ def _clean_env(monkeypatch):
         ("triton", None, CUDA, ("triton", "flex")),
         ("triton", "torch", CUDA, ("triton", "torch")),
         ("triton", None, CPU, ("triton", "torch")),  # the custom op's CPU body
+        ("triton_autotune", None, CUDA, ("triton_autotune", "flex")),
+        (None, "flex_bf16", CUDA, ("triton", "flex_bf16")),
         (None, "flex", CPU, ("torch", "flex")),
         (" Torch ", "", CPU, ("torch", "torch")),
     ],
@@ -85,6 +87,13 @@ def test_fast_kernels_resolve():
     assert kernels.chunk_scan is triton_chunk_scan
     assert kernels.chunk_attention is flex_chunk_attention
     assert kernels.window_attention is flex_window_attention
+    tuned = MixingKernels("triton_autotune", "flex_bf16")
+    assert tuned.chunk_scan.func is triton_chunk_scan and tuned.chunk_scan.keywords == {
+        "autotune": True
+    }
+    assert tuned.chunk_attention.func is flex_chunk_attention
+    assert tuned.chunk_attention.keywords == {"flex_dtype": torch.bfloat16}
+    assert tuned.window_attention is flex_window_attention
 
 
 def test_selection_traces_fullgraph(monkeypatch):

@@ -257,3 +257,25 @@ def test_compiled_flex_never_falls_back_silently(monkeypatch):
     compiled(q, k, v, block_mask=block_mask)
     with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):  # a new dtype recompiles
         compiled(q.double(), k.double(), v.double(), block_mask=block_mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flex_bf16_keeps_the_merge_in_fp32(device):
+    """attention_kernel=flex_bf16: flex over bf16 queries and summaries, the own state and the
+    merge in fp32. Within bf16 rounding of the fp32 result, and really rounded (not fp32)."""
+    tensors, query_chunk, summary_chunk = make_inputs(2, 3, 300, 16, 32, torch.float32, device)
+    scale = 32**-0.5
+    weights = torch.randn(tensors[0].shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for flex_dtype in (torch.bfloat16, None):
+        out = flex_chunk_attention(*tensors[:3], query_chunk, *tensors[3:], summary_chunk, scale,
+                                   flex_dtype=flex_dtype)
+        grads = torch.autograd.grad((out * weights.to(device)).sum(), tensors)
+        results.append((out, *grads))
+    assert results[0][0].dtype == torch.float32
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2e-2, atol=2e-2)
+    for got, want in zip(results[0][1:], results[1][1:]):  # sums over many bf16 products
+        assert (got - want).norm() <= 1e-2 * want.norm()
+    assert not torch.equal(results[0][0], results[1][0])
+    first_chunk = results[0][0][:, :, :16]  # no summary visible: exactly the fp32 own state
+    assert torch.equal(first_chunk, tensors[2][:, :, :16])

@@ -131,7 +131,9 @@ def flex_runs(monkeypatch):
         return kernel(*args, **kwargs)
 
     monkeypatch.setitem(flex_hop.py_kernels, DispatchKey.CompositeExplicitAutograd, counted)
-    return runs
+    flex_hop._dispatch_cache.clear()  # the operator caches the kernel it resolved
+    yield runs
+    flex_hop._dispatch_cache.clear()
 
 
 def test_selective_op_ac_saves_flex_instead_of_recomputing_it(flex_runs):

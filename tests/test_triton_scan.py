@@ -8,6 +8,7 @@ plain CPU the same custom ops run their CPU body (eager and compiled), and the c
 the CUDA program is checked with the kernels' device rule widened to CPU.
 """
 
+import functools
 import os
 import re
 import subprocess
@@ -97,6 +98,22 @@ def test_unused_output_and_strided_inputs():
     assert torch.equal(grads[0], torch.zeros_like(grads[0]))
 
 
+@needs_kernels
+@pytest.mark.parametrize(
+    "config", triton_module.AUTOTUNE_CONFIGS,
+    ids=lambda c: f"BLOCK_D={c.kwargs['BLOCK_D']}-warps={c.num_warps}",
+)
+def test_every_autotune_config_matches_portable_scan(config, monkeypatch):
+    """scan_kernel=triton_autotune picks one of these on the GPU: each must be exact (head_dim
+    80 leaves a masked tail for every width but 16)."""
+    monkeypatch.setattr(triton_module, "_fixed_config", lambda head_dim: config)
+    inputs = scan_inputs(1, 9, 2, 80, torch.float32)
+    outs, grads = values_and_grads(triton_chunk_scan, inputs, 4)
+    ref_outs, ref_grads = values_and_grads(chunk_scan, inputs, 4)
+    for got, want in zip(outs + grads, ref_outs + ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def triton_mixing(*args, **kwargs):
     return rat_mixing(*args, kernels=TRITON_SCAN, **kwargs)
 
@@ -129,7 +146,7 @@ class _StopAfterTrace(Exception):
     pass
 
 
-def trace_cuda_program(monkeypatch, inputs, dynamic: bool):
+def trace_cuda_program(monkeypatch, inputs, dynamic: bool, kernels=TRITON_SCAN):
     """The triton_kernel_wrapper nodes of rat_mixing's forward and backward graphs, traced by
     dynamo (fullgraph) + AOTAutograd as on CUDA: the ops' device rule is widened to CPU so they
     launch the kernels. Without a GPU driver the kernels cannot run, so the graphs stop after
@@ -146,7 +163,8 @@ def trace_cuda_program(monkeypatch, inputs, dynamic: bool):
         return stop
 
     backend = aot_autograd(fw_compiler=record, bw_compiler=record)
-    compiled = torch.compile(triton_mixing, fullgraph=True, dynamic=dynamic, backend=backend)
+    compiled = torch.compile(functools.partial(rat_mixing, kernels=kernels), fullgraph=True,
+                             dynamic=dynamic, backend=backend)
     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
         with pytest.raises(_StopAfterTrace):
             compiled(*inputs, 4)
@@ -165,6 +183,18 @@ def test_fullgraph_compile_traces_the_triton_ops(monkeypatch):
                                dynamic=False)
     kernels = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn for node in nodes]
     assert kernels == [triton_module._scan_fwd_kernel, triton_module._scan_bwd_kernel]
+
+
+@pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
+def test_autotuned_scan_traces_into_the_autotuner(monkeypatch):
+    """scan_kernel=triton_autotune: both graphs launch the autotuner over AUTOTUNE_CONFIGS."""
+    nodes = trace_cuda_program(monkeypatch, mixing_inputs(1, 8, 2, 8, torch.float32, "cpu"),
+                               dynamic=False, kernels=MixingKernels("triton_autotune", "torch"))
+    tuners = [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]) for node in nodes]
+    assert [tuner.fn for tuner in tuners] == [
+        triton_module._scan_fwd_kernel, triton_module._scan_bwd_kernel
+    ]
+    assert all(tuner.configs == triton_module.AUTOTUNE_CONFIGS for tuner in tuners)
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="CPU trace check (CUDA compiles for real)")
@@ -196,7 +226,7 @@ def test_compiled_bf16_mixing_on_cuda_matches_eager_portable(seq_len):
 @compiled_cuda
 def test_custom_op_registration_on_cuda():
     inputs = scan_inputs(2, 19, 2, 16, torch.float32)  # requires grad: checks autograd too
-    torch.library.opcheck(torch.ops.rat_titan.chunk_scan_fwd.default, (*inputs, 8))
+    torch.library.opcheck(torch.ops.rat_titan.chunk_scan_fwd.default, (*inputs, 8, False))
 
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="runs this file under the interpreter on CPU")
@@ -210,4 +240,5 @@ def test_kernels_under_interpreter():
     report = proc.stdout[-8000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, report
     passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= len(SHAPES) * 3 + 3, report
+    configs = len(triton_module.AUTOTUNE_CONFIGS)
+    assert passed and int(passed.group(1)) >= len(SHAPES) * 3 + configs + 3, report

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 class RATConfig:
     scan_kernel: str = "auto"
     """Intra-chunk scan: auto (the Triton custom op on CUDA, the portable scan elsewhere),
-    torch or triton. The environment variable RAT_KERNELS overrides it."""
+    torch, triton, or triton_autotune (autotuned block width and warps; unmeasured). The
+    environment variable RAT_KERNELS overrides it."""
 
     attention_kernel: str = "auto"
     """Attention over chunk summaries and SWA windows: auto (flex_attention on CUDA with the
-    Triton scan, the portable kernels elsewhere), torch or flex. RAT_ATTENTION overrides it."""
+    Triton scan, the portable kernels elsewhere), torch, flex, or flex_bf16 (flex over bf16
+    queries and summaries, the merge in fp32; unmeasured). RAT_ATTENTION overrides it."""
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Context parallel for RAT: all-gather chunk summaries, keep the recurrence local (docs/design.md 4).
+"""Context parallel for RAT: all-gather chunk summaries, keep the recurrence local
+(docs/design.md section 4).
 
 The trainer shards tokens, labels and global ``positions`` along the sequence over the CP mesh
 (``prepare_context_parallel_input``; default "headtail": rank r holds pieces r and 2*cp-1-r of

@@ -28,8 +28,8 @@ class RATModelArgs:
     max_seq_len: int = 4096  # training sequence length (decoding is not capped by it)
     mixer: str = "rat"  # "rat" or "attention" (full causal attention, the baseline)
     swa_window: int | None = None  # odd layers are SWA with this window when set
-    scan_kernel: str = "auto"  # auto | torch | triton
-    attention_kernel: str = "auto"  # auto | torch | flex
+    scan_kernel: str = "auto"  # auto | torch | triton | triton_autotune
+    attention_kernel: str = "auto"  # auto | torch | flex | flex_bf16
 
     def __post_init__(self):
         self.validate()

@@ -77,7 +77,8 @@ class RATModel(nn.Module):
         self.output.weight = self.tok_embeddings.weight
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Init of docs/design.md section 2. There are no buffers; buffer_device is the torchtitan hook."""
+        """Init of docs/design.md section 2. There are no buffers; buffer_device is the
+        torchtitan hook."""
         # Building on meta then to_empty() unties shared parameters: tie again.
         self.output.weight = self.tok_embeddings.weight
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=INIT_STD)

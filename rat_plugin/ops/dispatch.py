@@ -1,16 +1,20 @@
 """Kernel choice for the mixers: the portable PyTorch path or the GPU program.
 
-A model chooses with ``RATModelArgs.scan_kernel`` (auto | torch | triton) and
-``attention_kernel`` (auto | torch | flex); the trainer sets both from ``[rat]`` in the TOML and
-logs the result once. The environment variables ``RAT_KERNELS`` and ``RAT_ATTENTION`` override
+A model chooses with ``RATModelArgs.scan_kernel`` (auto | torch | triton | triton_autotune)
+and ``attention_kernel`` (auto | torch | flex | flex_bf16); the trainer sets both from ``[rat]``
+in the TOML and logs the result once. The environment variables ``RAT_KERNELS`` and ``RAT_ATTENTION`` override
 the setting when set. ``auto`` means the GPU program on CUDA tensors (the Triton scan custom op
 and flex_attention) and the portable path elsewhere; an auto attention follows a torch scan.
+``triton_autotune`` and ``flex_bf16`` are GPU speed choices not yet measured on a GPU: the scan
+with an autotuned block width and warp count, and flex over bf16 queries and summaries with the
+own-state merge kept in fp32.
 
 Off CUDA the Triton custom op runs its CPU body, so the GPU program executes on CPU too (with
 the same ops, autograd formulas and compiled graphs); flex_attention's backward is refused by
 torch on CPU (see docs/design.md, "Kernel matrix").
 """
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +27,8 @@ from rat_plugin.ops.window_attention import window_attention
 
 KERNELS_ENV = "RAT_KERNELS"
 ATTENTION_ENV = "RAT_ATTENTION"
-SCAN_KERNELS = ("auto", "torch", "triton")
-ATTENTION_KERNELS = ("auto", "torch", "flex")
+SCAN_KERNELS = ("auto", "torch", "triton", "triton_autotune")
+ATTENTION_KERNELS = ("auto", "torch", "flex", "flex_bf16")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -42,30 +46,35 @@ def _override(env: str, configured: str, choices: tuple[str, ...], setting: str)
 
 @dataclass(frozen=True)
 class MixingKernels:
-    """The chosen implementations: scan "torch" | "triton", attention "torch" | "flex"."""
+    """The chosen implementations: a scan and an attention kernel name (no "auto")."""
 
     scan: str
     attention: str
 
     @property
     def chunk_scan(self) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        if self.scan == "triton":
+        if self.scan.startswith("triton"):
             from rat_plugin.ops.triton_chunk_scan import triton_chunk_scan
 
+            if self.scan == "triton_autotune":
+                return functools.partial(triton_chunk_scan, autotune=True)
             return triton_chunk_scan
         return chunk_scan
 
     @property
     def chunk_attention(self) -> Callable[..., torch.Tensor]:
-        if self.attention == "flex":
+        if self.attention.startswith("flex"):
             from rat_plugin.ops.flex_chunk_attention import flex_chunk_attention
 
+            if self.attention == "flex_bf16":
+                return functools.partial(flex_chunk_attention, flex_dtype=torch.bfloat16)
             return flex_chunk_attention
         return chunk_attention
 
     @property
     def window_attention(self) -> Callable[..., torch.Tensor]:
-        if self.attention == "flex":
+        """SWA's inputs are in the model dtype already: flex_bf16 is flex there."""
+        if self.attention.startswith("flex"):
             from rat_plugin.ops.flex_window_attention import flex_window_attention
 
             return flex_window_attention
@@ -83,5 +92,5 @@ def select_kernels(
     if scan == "auto":
         scan = "triton" if on_cuda else "torch"
     if attention == "auto":
-        attention = "flex" if on_cuda and scan == "triton" else "torch"
+        attention = "flex" if on_cuda and scan != "torch" else "torch"
     return MixingKernels(scan=scan, attention=attention)

@@ -23,16 +23,23 @@ def flex_chunk_attention(
     summary_v: torch.Tensor,
     summary_chunk: torch.Tensor,
     scale: float,
+    flex_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``chunk_attention`` (shapes, chunk-index conventions, output dtype)."""
+    """Same contract as ``chunk_attention`` (shapes, chunk-index conventions, output dtype).
+
+    flex_dtype: run flex on q and the summaries in this dtype (bf16: tensor cores) while the
+    own-state logit and the merge stay in q's dtype.
+    """
     own = (q * k_state).sum(-1) * scale  # (B, H, T)
     if summary_k.shape[-2] == 0:
         return v_state.to(q.dtype)
+    q_flex, k_flex, v_flex = (t.to(flex_dtype or q.dtype) for t in (q, summary_k, summary_v))
     out, aux = flex(q)(
-        q, summary_k, summary_v, block_mask=chunk_block_mask(query_chunk, summary_chunk),
+        q_flex, k_flex, v_flex, block_mask=chunk_block_mask(query_chunk, summary_chunk),
         scale=scale, return_aux=AuxRequest(lse=True),
     )
-    lse = aux.lse  # (B, H, T); -inf where no summary is visible
+    out = out.to(q.dtype)
+    lse = aux.lse.to(own.dtype)  # (B, H, T); -inf where no summary is visible
     top = torch.maximum(lse, own).detach()  # finite: own is finite
     w_summaries = torch.exp(lse - top).unsqueeze(-1)
     w_own = torch.exp(own - top).unsqueeze(-1)

@@ -98,6 +98,19 @@ def _launches_kernels(t: torch.Tensor) -> bool:
     """Triton on CUDA, or in the interpreter for eager CPU calls; else the CPU body."""
     return t.device.type in TRITON_DEVICES or (INTERPRETED and not torch.compiler.is_compiling())
 
+
+# scan_kernel = "triton_autotune": block width x warps, chosen per (head_dim, chunk size) by
+# timing on the GPU, as flash-linear-attention's hgrn kernels do. Unmeasured: see
+# docs/gpu_fast_path.md for the H100 comparison against the fixed choice.
+AUTOTUNE_CONFIGS = [
+    triton.Config({"BLOCK_D": block_d}, num_warps=warps)
+    for block_d in (16, 32, 64, 128)
+    for warps in (1, 2, 4)
+]
+_TUNED = {
+    kernel: triton.autotune(AUTOTUNE_CONFIGS, key=["head_dim", "CHUNK"])(kernel)
+    for kernel in (_scan_fwd_kernel, _scan_bwd_kernel)
+}
 _TL_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -107,19 +120,34 @@ def _unaliased(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return tuple(t.clone() for t in tensors)
 
 
-def _launch_shape(k: torch.Tensor, chunk_size: int) -> tuple[tuple[int, int, int], int, int]:
-    """Grid over (batch * chunks, heads, head_dim blocks), the block width and warp count."""
+def _fixed_config(head_dim: int) -> triton.Config:
+    """The block width and warp count without autotuning."""
+    block_d = min(triton.next_power_of_2(head_dim), 64)
+    return triton.Config({"BLOCK_D": block_d}, num_warps=max(1, block_d // 32))
+
+
+def _launch(kernel, autotune: bool, k: torch.Tensor, chunk_size: int, *tensors, acc) -> None:
+    """Run ``kernel`` over the grid (batch * chunks, heads, head_dim blocks), with the fixed
+    block width and warp count or the autotuned ones."""
     batch, seq_len, heads, head_dim = k.shape
-    # A Python int: under dynamic shapes a symbolic head_dim would reach Triton's codegen.
-    block_d = min(triton.next_power_of_2(int(head_dim)), 64)
+    head_dim = int(head_dim)  # under dynamic shapes a symbolic one broke Triton's codegen
     num_chunks = triton.cdiv(seq_len, chunk_size)
-    grid = (batch * num_chunks, heads, triton.cdiv(head_dim, block_d))
-    return grid, block_d, max(1, block_d // 32)
+    options = {}
+    if not autotune:
+        config = _fixed_config(head_dim)
+        options = dict(config.kwargs, num_warps=config.num_warps)
+
+    def grid(meta):
+        return batch * num_chunks, heads, triton.cdiv(head_dim, meta["BLOCK_D"])
+
+    wrap_triton(_TUNED[kernel] if autotune else kernel)[grid](
+        *tensors, seq_len, heads, head_dim, num_chunks, CHUNK=chunk_size, ACC=acc, **options
+    )
 
 
 @triton_op("rat_titan::chunk_scan_fwd", mutates_args=())
 def _chunk_scan_fwd(
-    k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int
+    k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int, autotune: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not _launches_kernels(k):
         return _unaliased(chunk_scan(k, v, forget_gate, chunk_size))
@@ -127,12 +155,8 @@ def _chunk_scan_fwd(
     acc = accumulation_dtype(k.dtype)
     kt = torch.empty(k.shape, dtype=acc, device=k.device)
     vt = torch.empty(k.shape, dtype=acc, device=k.device)
-    _, seq_len, heads, head_dim = k.shape
-    grid, block_d, num_warps = _launch_shape(k, chunk_size)
-    wrap_triton(_scan_fwd_kernel)[grid](
-        k, v, forget_gate, kt, vt, seq_len, heads, head_dim, grid[0] // k.shape[0],
-        CHUNK=chunk_size, BLOCK_D=block_d, ACC=_TL_DTYPES[acc], num_warps=num_warps,
-    )
+    _launch(_scan_fwd_kernel, autotune, k, chunk_size, k, v, forget_gate, kt, vt,
+            acc=_TL_DTYPES[acc])
     return kt, vt
 
 
@@ -146,6 +170,7 @@ def _chunk_scan_bwd(
     kt: torch.Tensor,
     vt: torch.Tensor,
     chunk_size: int,
+    autotune: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if not _launches_kernels(k):
         return _unaliased(
@@ -156,21 +181,16 @@ def _chunk_scan_bwd(
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
     grad_g = torch.empty_like(forget_gate)
-    _, seq_len, heads, head_dim = k.shape
-    grid, block_d, num_warps = _launch_shape(k, chunk_size)
-    wrap_triton(_scan_bwd_kernel)[grid](
-        grad_kt, grad_vt, k, v, forget_gate, kt, vt, grad_k, grad_v, grad_g,
-        seq_len, heads, head_dim, grid[0] // k.shape[0],
-        CHUNK=chunk_size, BLOCK_D=block_d, ACC=_TL_DTYPES[kt.dtype], num_warps=num_warps,
-    )
+    _launch(_scan_bwd_kernel, autotune, k, chunk_size, grad_kt, grad_vt, k, v, forget_gate, kt,
+            vt, grad_k, grad_v, grad_g, acc=_TL_DTYPES[kt.dtype])
     return grad_k, grad_v, grad_g
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    k, v, forget_gate, chunk_size = inputs
+    k, v, forget_gate, chunk_size, autotune = inputs
     kt, vt = output
     ctx.save_for_backward(k, v, forget_gate, kt, vt)
-    ctx.chunk_size = chunk_size
+    ctx.chunk_size, ctx.autotune = chunk_size, autotune
 
 
 def _backward(ctx, grad_kt, grad_vt):
@@ -178,18 +198,24 @@ def _backward(ctx, grad_kt, grad_vt):
     grad_kt = torch.zeros_like(kt) if grad_kt is None else grad_kt
     grad_vt = torch.zeros_like(vt) if grad_vt is None else grad_vt
     grad_k, grad_v, grad_g = _chunk_scan_bwd(
-        grad_kt.to(kt.dtype), grad_vt.to(vt.dtype), k, v, forget_gate, kt, vt, ctx.chunk_size
+        grad_kt.to(kt.dtype), grad_vt.to(vt.dtype), k, v, forget_gate, kt, vt, ctx.chunk_size,
+        ctx.autotune,
     )
-    return grad_k, grad_v, grad_g, None
+    return grad_k, grad_v, grad_g, None, None
 
 
 _chunk_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_chunk_scan(
-    k: torch.Tensor, v: torch.Tensor, forget_gate: torch.Tensor, chunk_size: int
+    k: torch.Tensor,
+    v: torch.Tensor,
+    forget_gate: torch.Tensor,
+    chunk_size: int,
+    autotune: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for ``chunk_scan``: same arguments, same (kt, vt) in the accumulation dtype."""
+    """Drop-in for ``chunk_scan``: same arguments, same (kt, vt) in the accumulation dtype.
+    ``autotune``: block width and warps from AUTOTUNE_CONFIGS instead of the fixed choice."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     if k.dim() != 4 or v.shape != k.shape or forget_gate.shape != k.shape:
@@ -197,4 +223,4 @@ def triton_chunk_scan(
             f"k, v, forget_gate must all be (batch, seq, heads, head_dim); got "
             f"{tuple(k.shape)}, {tuple(v.shape)}, {tuple(forget_gate.shape)}"
         )
-    return _chunk_scan_fwd(k, v, forget_gate, chunk_size)
+    return _chunk_scan_fwd(k, v, forget_gate, chunk_size, autotune)

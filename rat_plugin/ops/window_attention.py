@@ -21,7 +21,8 @@ def window_attention(
     num_blocks = -(-seq_len // block)
     pad = num_blocks * block - seq_len
     q = F.pad(q, (0, 0, 0, pad))
-    # Keys/values get `window` zeros in front so block i sees padded rows [i*block, i*block+block+window).
+    # Keys/values get `window` zeros in front: block i sees padded rows
+    # [i*block, i*block + block + window).
     k = F.pad(k, (0, 0, window, pad))
     v = F.pad(v, (0, 0, window, pad))
     span = block + window
