@@ -8,6 +8,8 @@ sequence length T at a fixed token budget (batch = budget / T); decode sweeps P 
 
     python tools/bench_block.py --device cpu
     python tools/bench_block.py --device cuda   # the paper's shapes: D=2048, H=16, bf16
+    python tools/bench_block.py --device cuda --scan-kernel triton_autotune \\
+        --attention-kernel flex_bf16   # the unmeasured speed choices, against the default
 """
 
 import argparse
@@ -26,6 +28,7 @@ from rat_plugin.model import swa as swa_module  # noqa: E402
 from rat_plugin.model.args import RATModelArgs  # noqa: E402
 from rat_plugin.model.rat import RAT  # noqa: E402
 from rat_plugin.model.swa import SlidingWindowAttention  # noqa: E402
+from rat_plugin.ops.dispatch import ATTENTION_KERNELS, SCAN_KERNELS, select_kernels  # noqa: E402
 
 DEFAULTS = {
     # The paper: 262,144 tokens per step, T = 4K..256K, D = 2048, H = 16 (d = 128), bf16.
@@ -61,15 +64,17 @@ def mixer_specs(chunk_sizes: list[int], window: int) -> list[tuple[str, dict]]:
     return specs
 
 
-def build_block(spec: dict, dim: int, heads: int, groups: int, device, dtype) -> MixerBlock:
+def build_block(spec: dict, opts, device, dtype) -> MixerBlock:
+    dim, kernels = opts.dim, (opts.scan_kernel, opts.attention_kernel)
     if spec["kind"] == "rat":
         args = RATModelArgs(
-            dim=dim, n_layers=1, n_heads=heads, n_groups=groups, chunk_size=spec["chunk_size"],
-            vocab_size=2, ffn_hidden_dim=4 * dim,
+            dim=dim, n_layers=1, n_heads=opts.heads, n_groups=opts.groups,
+            chunk_size=spec["chunk_size"], vocab_size=2, ffn_hidden_dim=4 * dim,
+            scan_kernel=kernels[0], attention_kernel=kernels[1],
         )
         mixer = RAT(args)
     else:
-        mixer = SlidingWindowAttention(dim, heads, spec["window"], rope_base=10000.0)
+        mixer = SlidingWindowAttention(dim, opts.heads, spec["window"], 10000.0, kernels)
     mixer.init_weights()
     return MixerBlock(dim, mixer).to(device=device, dtype=dtype)
 
@@ -154,7 +159,7 @@ def decode_step(block: MixerBlock, cache, batch: int, dim: int, device, dtype, c
 
 def run_case(name, spec, mode, seq_len, opts, device, dtype) -> dict:
     torch.manual_seed(0)
-    block = build_block(spec, opts.dim, opts.heads, opts.groups, device, dtype)
+    block = build_block(spec, opts, device, dtype)
     record = dict(mixer=name, mode=mode, seq_len=seq_len)
     try:
         if mode == "decode":
@@ -234,6 +239,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groups", type=int, default=2, help="RAT query/key groups G")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--window", type=int, default=1024, help="SWA window")
+    parser.add_argument("--scan-kernel", choices=SCAN_KERNELS, default="auto",
+                        help="RAT's scan kernel (the model's scan_kernel setting)")
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
+                        help="RAT's summary and SWA's window attention kernel")
     parser.add_argument("--dtype", help="fp32, bf16 or fp16 (cpu fp32, cuda bf16)")
     parser.add_argument("--tokens", type=int, help="tokens per train/prefill step (batch * T)")
     parser.add_argument("--seq-lens", type=int, nargs="+", help="train/prefill lengths T")
@@ -259,6 +268,7 @@ def main(argv=None) -> None:
     device = bench.parse_device(opts.device)
     dtype = bench.parse_dtype(opts.dtype)
     backend, attention_kernel = attention_backend(device)
+    kernels = select_kernels(device, opts.scan_kernel, opts.attention_kernel)
     info = bench.machine_info(device)
     names_specs = mixer_specs(opts.chunk_sizes, opts.window)
     names = [n for n, _ in names_specs]
@@ -266,7 +276,8 @@ def main(argv=None) -> None:
              f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
              f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
              f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
-             f"{opts.warmup} warm-up; decode attention "
+             f"{opts.warmup} warm-up; mixer kernels {kernels.scan} scan, {kernels.attention} "
+             f"attention; decode attention "
              f"{bench.decode_kernel(device, dtype, opts.dim // opts.heads)}"
              f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
     print(f"machine: {bench.describe_machine(info)}")
