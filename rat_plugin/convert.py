@@ -247,6 +247,46 @@ def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
 # ----------------------------------------------------------------------------- writing
 
 
+def check_output(
+    src: str | os.PathLike, out: str | os.PathLike, force: bool, source: str, written_by_us
+) -> None:
+    """Refuse an output that is, lies inside or contains the source (whatever ``force``), and
+    an existing output unless ``force`` is given and ``written_by_us(out)`` says this tool
+    wrote it: nothing but a previous export is ever replaced."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    relation = (
+        "is" if out == src else "is inside" if src in out.parents
+        else "contains" if out in src.parents else None
+    )
+    if relation:
+        raise ConversionError(
+            f"output {out} {relation} the {source} {src}: choose an output folder outside it"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    if not out.is_dir() or not written_by_us(out):
+        raise ConversionError(
+            f"{out} exists and is not a folder this tool wrote, so even --force does not "
+            "replace it: remove it yourself or choose another output folder"
+        )
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def is_model_only_dcp(folder: Path) -> bool:
+    """A DCP checkpoint of model weights alone (what ``--to-dcp`` writes), not a training one."""
+    try:
+        entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception:  # no or unreadable .metadata
+        return False
+    return all(k.startswith(MODEL_PREFIXES) for k in entries)
+
+
+
 def _set_default_modes(folder: Path) -> None:
     """mkdtemp and some writers create owner-only entries: give them the usual umask modes."""
     umask = os.umask(0)
@@ -327,8 +367,7 @@ def dcp_to_standalone(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    check_output(step_dir, out, force, "source checkpoint", is_model_folder)
     names = read_dcp_shapes(step_dir)
     shapes = {k: m.size for k, m in names.items()}
     spec = spec or spec_from_shapes(shapes)
@@ -367,8 +406,7 @@ def standalone_to_dcp(
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    check_output(model_dir, out, force, "source model folder", is_model_only_dcp)
     try:
         config, args = read_config(model_dir)
     except ModelFolderError as err:

@@ -1,0 +1,83 @@
+"""Converter surface (tools/convert_checkpoint.py), one table row per bad input: the tool exits
+with 1 and one line naming the bad value and the fix, the source checkpoint's bytes are
+unchanged, and an export already at the output path is intact."""
+
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from rat_plugin.model import RATModel, make_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def full_checkpoint(path: Path, edit=None) -> Path:
+    """A torchtitan-layout full checkpoint (model, optimizer, trainer states) of the debug RAT
+    model; ``edit(state)`` may spoil a weight first."""
+    torch.manual_seed(0)
+    model = RATModel(make_args("rat", "debugmodel"))
+    model.init_weights()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if edit is not None:
+        edit(state)
+    state["output.weight"] = state["tok_embeddings.weight"]
+    state["optimizer"] = {"state": {"tok_embeddings.weight": {"exp_avg": torch.ones(3)}}}
+    state["train_state"] = {"step": 7}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    return path
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (relative path -> sha256); {} when it does not exist."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# id -> (arguments after the source folder, regex the one-line error must match). The source
+# is {src} = {tmp}/run/checkpoint/step-7, a full training checkpoint, or with --to-dcp {export},
+# a folder the tool wrote from it; {tmp}/notes is a folder of the user's.
+CASES = {
+    "output-is-source": (["{src}", "--force"], r"output .*step-7 is the source checkpoint"),
+    "output-inside-source": (["{src}/export", "--force"], r"is inside the source checkpoint"),
+    "output-contains-source": (["{src}/..", "--force"], r"contains the source checkpoint"),
+    "output-is-source-link": (["{tmp}/link-to-src", "--force"], r"is the source checkpoint"),
+    "to-dcp-output-is-source": (["{export}", "--to-dcp", "--force"], r"is the source"),
+    "force-onto-user-folder": (["{tmp}/notes", "--force"], r"notes exists and is not a folder "
+                               r"this tool wrote, so even --force does not replace it"),
+    "force-onto-training-checkpoint": (["{src}", "--to-dcp", "--force"],
+                                       r"step-7 exists and is not a folder this tool wrote"),
+    "existing-output-without-force": (["{export}"], r"export already exists: pass --force"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
+    src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7")
+    export = tmp_path / "export"
+    assert convert_main([str(src), str(export)]) == 0
+    (tmp_path / "link-to-src").symlink_to(src)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    before = tree_hashes(tmp_path)
+
+    args, pattern = CASES[case]
+    argv = [a.format(src=src, export=export, tmp=tmp_path) for a in args]
+    source = export if "--to-dcp" in argv else src
+    assert convert_main([str(source), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert tree_hashes(tmp_path) == before
