@@ -10,9 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +19,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from rat_plugin.atomic import atomic_dir
 from rat_plugin.generate.loading import (
     CONFIG_FILE,
     DTYPES,
@@ -287,47 +285,6 @@ def is_model_only_dcp(folder: Path) -> bool:
 
 
 
-def _set_default_modes(folder: Path) -> None:
-    """mkdtemp and some writers create owner-only entries: give them the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
-    """Yield a fresh temp folder next to ``out_dir``; on success it becomes ``out_dir``.
-
-    On any failure the temp folder is removed and ``out_dir`` is left as it was. With ``force``
-    an existing ``out_dir`` is swapped out only after the new one is complete.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _set_default_modes(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_config(
     folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype
 ) -> None:
@@ -381,7 +338,7 @@ def dcp_to_standalone(
         )
     dtype = dtype or state["tok_embeddings.weight"].dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, log) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_config(tmp, spec.kind, spec.flavor, spec.args, dtype)
         if tokenizer_dir is not None:
@@ -419,6 +376,6 @@ def standalone_to_dcp(
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, log) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
     log(f"wrote DCP checkpoint {out} (kind={config.get('model_kind')}, {dtype_name(dtype)})")

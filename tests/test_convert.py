@@ -16,10 +16,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from rat_plugin.atomic import atomic_dir
 from rat_plugin.convert import (
     ConversionError,
     ModelSpec,
-    atomic_dir,
     dcp_to_standalone,
     spec_from_config,
     standalone_to_dcp,
