@@ -27,6 +27,7 @@ from rat_plugin.generate.loading import (
     WEIGHTS_FILE,
     ModelFolderError,
     read_config,
+    weight_problem,
 )
 from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModel, RATModelArgs, make_args
 
@@ -144,6 +145,15 @@ def load_dcp_model(step_dir: str | os.PathLike, names: dict[str, TensorStorageMe
             "corrupt or incomplete"
         ) from None
     return state
+
+
+def refuse_bad_weights(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    problem = weight_problem(state)
+    if problem:
+        raise ConversionError(
+            f"{where}: {problem}: the checkpoint is corrupt or training diverged; "
+            "convert an earlier checkpoint"
+        )
 
 
 def _reason(err: BaseException) -> str:
@@ -331,6 +341,7 @@ def dcp_to_standalone(
     log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source})")
     check_shapes(spec.args, shapes, str(step_dir))
     state = load_dcp_model(step_dir, names)
+    refuse_bad_weights(state, step_dir)
     head = state.pop(TIED_HEAD, None)
     if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
         raise ConversionError(
@@ -373,6 +384,7 @@ def standalone_to_dcp(
         raise ConversionError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
     state = load_file(str(weights))
     check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
+    refuse_bad_weights(state, weights)
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -45,38 +46,65 @@ def tree_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-# id -> (arguments after the source folder, regex the one-line error must match). The source
-# is {src} = {tmp}/run/checkpoint/step-7, a full training checkpoint, or with --to-dcp {export},
-# a folder the tool wrote from it; {tmp}/notes is a folder of the user's.
+def spoil(name: str, index: tuple, value: float):
+    def edit(state: dict) -> None:
+        state[name][index] = value
+    return edit
+
+
+def spoil_export(export: Path, edit) -> None:
+    state = safetensors.torch.load_file(str(export / "model.safetensors"))
+    edit(state)
+    safetensors.torch.save_file(state, str(export / "model.safetensors"))
+
+
+NAN_ROW = spoil("tok_embeddings.weight", (5,), float("nan"))
+# id -> (edit spoiling the source's weights or None, arguments after the source folder, regex
+# the one-line error must match). The source is {src} = {tmp}/run/checkpoint/step-7, a full
+# training checkpoint, or with --to-dcp {export}, a folder the tool wrote from it; {tmp}/notes
+# is a folder of the user's.
 CASES = {
-    "output-is-source": (["{src}", "--force"], r"output .*step-7 is the source checkpoint"),
-    "output-inside-source": (["{src}/export", "--force"], r"is inside the source checkpoint"),
-    "output-contains-source": (["{src}/..", "--force"], r"contains the source checkpoint"),
-    "output-is-source-link": (["{tmp}/link-to-src", "--force"], r"is the source checkpoint"),
-    "to-dcp-output-is-source": (["{export}", "--to-dcp", "--force"], r"is the source"),
-    "force-onto-user-folder": (["{tmp}/notes", "--force"], r"notes exists and is not a folder "
-                               r"this tool wrote, so even --force does not replace it"),
-    "force-onto-training-checkpoint": (["{src}", "--to-dcp", "--force"],
+    "output-is-source": (None, ["{src}", "--force"], r"output .*step-7 is the source checkpoint"),
+    "output-inside-source": (None, ["{src}/export", "--force"], r"is inside the source checkpoint"),
+    "output-contains-source": (None, ["{src}/..", "--force"], r"contains the source checkpoint"),
+    "output-is-source-link": (None, ["{tmp}/link-to-src", "--force"], r"is the source checkpoint"),
+    "to-dcp-output-is-source": (None, ["{export}", "--to-dcp", "--force"], r"is the source"),
+    "force-onto-user-folder": (None, ["{tmp}/notes", "--force"], r"notes exists and is not a "
+                               r"folder this tool wrote, so even --force does not replace it"),
+    "force-onto-training-checkpoint": (None, ["{src}", "--to-dcp", "--force"],
                                        r"step-7 exists and is not a folder this tool wrote"),
-    "existing-output-without-force": (["{export}"], r"export already exists: pass --force"),
+    "existing-output-without-force": (None, ["{export}"], r"export already exists: pass --force"),
+    # Checked before the tied head is compared, so a NaN is not reported as "differs".
+    "nan-embedding-row": (NAN_ROW, ["{tmp}/out"], r"step-7: tok_embeddings.weight holds a "
+                          r"non-finite weight nan at \[5, 0\].*convert an earlier checkpoint"),
+    "inf-norm-weight": (spoil("norm.weight", (3,), float("inf")), ["{tmp}/out"],
+                        r"norm.weight holds a non-finite weight inf at \[3\]"),
+    "absurd-ffn-weight": (spoil("layers.1.feed_forward.w2.weight", (2, 7), 3.4e38), ["{tmp}/out"],
+                          r"w2.weight holds an absurd weight 3.4e\+38 at \[2, 7\] \(weights must "
+                          r"be finite and within \+-10000\)"),
+    "to-dcp-nan-export": (NAN_ROW, ["{tmp}/out", "--to-dcp"],
+                          r"model.safetensors: tok_embeddings.weight holds a non-finite weight"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
-    src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7")
+    edit, args, pattern = CASES[case]
+    to_dcp = "--to-dcp" in args
+    src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7", None if to_dcp else edit)
     export = tmp_path / "export"
-    assert convert_main([str(src), str(export)]) == 0
+    assert convert_main([str(full_checkpoint(tmp_path / "good"))
+                         if edit and not to_dcp else str(src), str(export)]) == 0
+    if edit and to_dcp:
+        spoil_export(export, edit)
     (tmp_path / "link-to-src").symlink_to(src)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     capsys.readouterr()
     before = tree_hashes(tmp_path)
 
-    args, pattern = CASES[case]
     argv = [a.format(src=src, export=export, tmp=tmp_path) for a in args]
-    source = export if "--to-dcp" in argv else src
-    assert convert_main([str(source), *argv]) == 1
+    assert convert_main([str(export if to_dcp else src), *argv]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err

@@ -13,6 +13,9 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TIED_HEAD = "output.weight"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# No trained LM weight comes near this (RMSNorm gains and outlier features stay in the tens);
+# beyond it a weight is corruption. It also keeps every weight finite in fp16 (max 65504).
+MAX_ABS_WEIGHT = 1e4
 
 
 class ModelFolderError(ValueError):
@@ -25,6 +28,28 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ModelFolderError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+def weight_problem(state: dict[str, torch.Tensor]) -> str | None:
+    """The first non-finite or absurd (|w| > MAX_ABS_WEIGHT) weight of ``state``, described
+    with its name, value and position; None when all are sane."""
+    names = [k for k, v in state.items() if v.numel()]
+    if not names:
+        return None
+    extremes = torch.stack([torch.stack(torch.aminmax(state[k].detach())).float() for k in names])
+    largest = extremes.abs().amax(dim=1).tolist()  # one host sync for all tensors
+    for name, value in zip(names, largest):
+        if not value <= MAX_ABS_WEIGHT:  # NaN fails every comparison
+            tensor = state[name].detach()
+            bad = ~torch.isfinite(tensor) | (tensor.abs() > MAX_ABS_WEIGHT)
+            where = [int(i) for i in bad.nonzero()[0]]
+            found = float(tensor[tuple(where)])
+            kind = "a non-finite" if not torch.isfinite(torch.tensor(found)) else "an absurd"
+            return (
+                f"{name} holds {kind} weight {found:g} at {where} (weights must be finite and "
+                f"within +-{MAX_ABS_WEIGHT:g})"
+            )
+    return None
 
 
 def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
@@ -80,6 +105,11 @@ def load(
         raise ModelFolderError(
             f"{weights} does not fit {CONFIG_FILE} (missing {missing[:5]}, unknown {unknown[:5]}, "
             f"mis-shaped {wrong[:5]}): convert the checkpoint again"
+        )
+    problem = weight_problem(state)
+    if problem:
+        raise ModelFolderError(
+            f"{weights}: {problem}: the file is corrupt; export it again from a good checkpoint"
         )
     state = {k: v.to(dtype) for k, v in state.items() if k != TIED_HEAD}
     model.load_state_dict(state, strict=False, assign=True)
