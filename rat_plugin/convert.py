@@ -10,6 +10,8 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,12 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from rat_plugin.atomic import atomic_dir
 from rat_plugin.generate.loading import (
     CONFIG_FILE,
+    CONFIG_RECORD,
     DTYPES,
     TIED_HEAD,
     WEIGHTS_FILE,
     ModelFolderError,
+    config_record,
     read_config,
     weight_problem,
 )
@@ -190,7 +194,7 @@ def spec_from_config(
         source = f"config {toml_path}" + (" + command line" if overridden else "")
     model_name = model_name or values.get("model", {}).get("name")
     flavor = flavor or values.get("model", {}).get("flavor")
-    seq_len = seq_len or values.get("training", {}).get("seq_len")
+    seq_len = seq_len if seq_len is not None else values.get("training", {}).get("seq_len")
     if model_name is None and flavor is None:
         return None
     if model_name is None or flavor is None:
@@ -204,8 +208,18 @@ def spec_from_config(
         )
     if flavor not in FLAVORS:
         raise ConversionError(f"unknown flavor {flavor!r}: choose one of {list(FLAVORS)}")
-    overrides = {"max_seq_len": int(seq_len)} if seq_len else {}
-    return ModelSpec(model_name, flavor, make_args(model_name, flavor, **overrides), source)
+    args = make_args(model_name, flavor)
+    if seq_len is not None:
+        try:
+            if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+                raise ValueError(f"seq_len={seq_len!r} must be an integer")
+            args.check_seq_len(seq_len)
+        except ValueError as err:
+            raise ConversionError(
+                f"{err} (--seq-len or [training] seq_len, recorded as max_seq_len)"
+            ) from None
+        args.max_seq_len = seq_len
+    return ModelSpec(model_name, flavor, args, source)
 
 
 def tokenizer_from_config(toml_path: str | os.PathLike, log=print) -> str | None:
@@ -295,16 +309,27 @@ def is_model_only_dcp(folder: Path) -> bool:
 
 
 
-def write_config(
-    folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype
-) -> None:
-    config = {
+def model_config(kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype) -> dict:
+    """The contents of config.json."""
+    return {
         "model_kind": kind,
         "flavor": flavor,
         "dtype": dtype_name(dtype),
         "args": dataclasses.asdict(args),
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+@contextmanager
+def output_folder(out: Path, force: bool, log) -> Iterator[Path]:
+    """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line."""
+    try:
+        with atomic_dir(out, force, log) as tmp:
+            yield tmp
+    except OSError as err:
+        raise ConversionError(
+            f"cannot write {out} ({err.strerror or err}): choose a writable output folder "
+            "with enough free space"
+        ) from None
 
 
 def copy_tokenizer(tokenizer_dir: str | os.PathLike, folder: Path) -> list[str]:
@@ -349,9 +374,11 @@ def dcp_to_standalone(
         )
     dtype = dtype or state["tok_embeddings.weight"].dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    with atomic_dir(out, force, log) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_config(tmp, spec.kind, spec.flavor, spec.args, dtype)
+    config = model_config(spec.kind, spec.flavor, spec.args, dtype)
+    metadata = {"format": "pt", CONFIG_RECORD: config_record(config)}
+    with output_folder(out, force, log) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             log(f"tokenizer: copied {', '.join(copy_tokenizer(tokenizer_dir, tmp))}")
     nparams = sum(v.numel() for v in state.values())
@@ -388,6 +415,6 @@ def standalone_to_dcp(
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names
-    with atomic_dir(out, force, log) as tmp:
+    with output_folder(out, force, log) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
     log(f"wrote DCP checkpoint {out} (kind={config.get('model_kind')}, {dtype_name(dtype)})")

@@ -5,6 +5,7 @@ the correct behaviour."""
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from rat_plugin.convert import ModelSpec, dcp_to_standalone
 from rat_plugin.generate import ModelFolderError, load
+from rat_plugin.generate.loading import ConfigMismatchWarning
 from rat_plugin.model import RATModel, make_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,3 +72,21 @@ def test_load_refuses_bad_input(case, model_dir, tmp_path):
     with pytest.raises(error) as info:
         load(folder, **kwargs)
     assert_one_line(info.value, pattern)
+
+
+def test_edited_config_warns_naming_the_fields(model_dir, tmp_path):
+    """chunk_size and rope_base leave no trace in the weights: edits to them in config.json are
+    caught against the configuration the converter recorded in model.safetensors."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(folder)  # untouched: no warning
+    config = json.loads((folder / "config.json").read_text())
+    config["args"].update(chunk_size=32, rope_base=500.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.warns(ConfigMismatchWarning) as record:
+        load(folder)
+    assert_one_line(record[0].message, r"config.json was edited after export: chunk_size=32 "
+                    r"\(exported with 16\), rope_base=500.0 \(exported with 10000.0\); .*"
+                    r"restore those values or convert the checkpoint again")

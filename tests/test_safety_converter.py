@@ -5,6 +5,7 @@ unchanged, and an export already at the output path is intact."""
 import hashlib
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,7 @@ def spoil_export(export: Path, edit) -> None:
     safetensors.torch.save_file(state, str(export / "model.safetensors"))
 
 
+RAT = ("--model-name", "rat", "--flavor", "debugmodel")
 NAN_ROW = spoil("tok_embeddings.weight", (5,), float("nan"))
 # id -> (edit spoiling the source's weights or None, arguments after the source folder, regex
 # the one-line error must match). The source is {src} = {tmp}/run/checkpoint/step-7, a full
@@ -84,6 +86,13 @@ CASES = {
                           r"be finite and within \+-10000\)"),
     "to-dcp-nan-export": (NAN_ROW, ["{tmp}/out", "--to-dcp"],
                           r"model.safetensors: tok_embeddings.weight holds a non-finite weight"),
+    "negative-seq-len": (None, ["{tmp}/out", *RAT, "--seq-len", "-5"],
+                         r"seq_len=-5 must be a positive number of tokens, e.g. 256 \(--seq-len"),
+    "chunk-misaligned-seq-len": (None, ["{tmp}/out", *RAT, "--seq-len", "100"],
+                                 r"seq_len=100 is not a multiple of chunk_size=16: use seq_len=96 "
+                                 r"or 112"),
+    "output-under-a-file": (None, ["{tmp}/notes/todo.txt/out"],
+                            r"cannot write .*todo.txt/out \(.*\): choose a writable output folder"),
 }
 
 
@@ -108,4 +117,20 @@ def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
+    assert tree_hashes(tmp_path) == before
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """The OS refusing the write (simulated: the tests may run as root, which ignores modes)."""
+    src = full_checkpoint(tmp_path / "step-7")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    before = tree_hashes(tmp_path)
+    assert convert_main([str(src), str(tmp_path / "read-only" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(
+        r"^error: cannot write .*read-only/out \(Permission denied\): choose a writable", err)
     assert tree_hashes(tmp_path) == before

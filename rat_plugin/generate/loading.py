@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,33 @@ MAX_ABS_WEIGHT = 1e4
 
 class ModelFolderError(ValueError):
     """A model folder problem, with a one-line explanation of the fix."""
+
+
+class ConfigMismatchWarning(UserWarning):
+    """config.json differs from the configuration the weights were exported with."""
+
+
+# model.safetensors metadata key holding the configuration the converter exported the weights
+# with: chunk size, window and RoPE base leave no trace in the shapes, so edits to them in
+# config.json can only be detected against this record.
+CONFIG_RECORD = "rat_config"
+
+
+def config_record(config: dict) -> str:
+    return json.dumps({k: config.get(k) for k in ("model_kind", "flavor", "args")}, sort_keys=True)
+
+
+def config_edits(config: dict, record: str) -> list[str]:
+    """``field=now (exported with then)`` for every configuration field that differs."""
+
+    def fields(c: dict) -> dict:
+        return {"model_kind": c.get("model_kind"), "flavor": c.get("flavor"), **c.get("args", {})}
+
+    now, exported = fields(config), fields(json.loads(record))
+    return [
+        f"{k}={now.get(k)!r} (exported with {exported.get(k)!r})"
+        for k in sorted(now.keys() | exported.keys()) if now.get(k) != exported.get(k)
+    ]
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -111,12 +139,28 @@ def load(
         raise ModelFolderError(
             f"{weights}: {problem}: the file is corrupt; export it again from a good checkpoint"
         )
+    warn_config_edits(config, weights)
     state = {k: v.to(dtype) for k, v in state.items() if k != TIED_HEAD}
     model.load_state_dict(state, strict=False, assign=True)
     model.output.weight = model.tok_embeddings.weight
     model.requires_grad_(False)
     model.config = config
     return model.eval()
+
+
+def warn_config_edits(config: dict, weights: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        record = (f.metadata() or {}).get(CONFIG_RECORD)
+    edits = config_edits(config, record) if record else []
+    if edits:
+        warnings.warn(
+            f"{weights.parent / CONFIG_FILE} was edited after export: {', '.join(edits)}; the "
+            "model may compute garbage: restore those values or convert the checkpoint again",
+            ConfigMismatchWarning,
+            stacklevel=3,
+        )
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

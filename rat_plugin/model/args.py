@@ -65,7 +65,11 @@ class RATModelArgs:
             )
 
     def check_seq_len(self, seq_len: int) -> None:
-        """Training needs whole chunks when any layer is RAT."""
+        """Training needs a positive length, of whole chunks when any layer is RAT."""
+        if seq_len < 1:
+            raise ValueError(
+                f"seq_len={seq_len} must be a positive number of tokens, e.g. {self.max_seq_len}"
+            )
         if self.mixer == "rat" and seq_len % self.chunk_size:
             lower = seq_len - seq_len % self.chunk_size
             raise ValueError(
