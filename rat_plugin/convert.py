@@ -22,10 +22,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from rat_plugin.atomic import atomic_dir
+from rat_plugin.generate.arguments import DTYPES
 from rat_plugin.generate.loading import (
     CONFIG_FILE,
     CONFIG_RECORD,
-    DTYPES,
     TIED_HEAD,
     WEIGHTS_FILE,
     ModelFolderError,

@@ -11,17 +11,10 @@ import argparse
 import torch
 
 from rat_plugin.generate import cache_bytes
+from rat_plugin.generate.memory import human_bytes
 from rat_plugin.model import FLAVORS, MODEL_KINDS, make_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
 
 
 def main() -> None:
@@ -42,7 +35,7 @@ def main() -> None:
     for position in args.positions:
         sizes = {kind: cache_bytes(m, position, dtype) for kind, m in models.items()}
         ratio = sizes["rat_attn"] / sizes["rat"]
-        cells = "".join(f"{human(b):>14}" for b in sizes.values())
+        cells = "".join(f"{human_bytes(b):>14}" for b in sizes.values())
         print(f"{position:>9}{cells}{ratio:>10.1f}")
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rat_plugin.generate.decode import check_prompts, generate
+from rat_plugin.generate.arguments import check_prompts
+from rat_plugin.generate.decode import generate
 from rat_plugin.generate.loading import ModelFolderError, load, load_tokenizer, special_token_ids
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
+from rat_plugin.generate.arguments import resolve_device, resolve_dtype
 from rat_plugin.model import RATModel, RATModelArgs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TIED_HEAD = "output.weight"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # No trained LM weight comes near this (RMSNorm gains and outlier features stay in the tens);
 # beyond it a weight is corruption. It also keeps every weight finite in fp16 (max 65504).
 MAX_ABS_WEIGHT = 1e4
@@ -48,14 +48,6 @@ def config_edits(config: dict, record: str) -> list[str]:
         f"{k}={now.get(k)!r} (exported with {exported.get(k)!r})"
         for k in sorted(now.keys() | exported.keys()) if now.get(k) != exported.get(k)
     ]
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ModelFolderError(f"unknown dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def weight_problem(state: dict[str, torch.Tensor]) -> str | None:
@@ -115,8 +107,8 @@ def load(
     weights = Path(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelFolderError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
-    device = torch.device(device)
-    dtype = resolve_dtype(dtype) or resolve_dtype(config.get("dtype", "fp32"))
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype) or resolve_dtype(config.get("dtype", "fp32"), "config.json dtype")
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as err:
