@@ -14,12 +14,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from rat_plugin.convert import ModelSpec, dcp_to_standalone
-from rat_plugin.generate import ModelFolderError, cache_bytes, generate, load
+from rat_plugin.generate import ModelFolderError, cache_bytes, generate, load, load_tokenizer
 from rat_plugin.generate.loading import ConfigMismatchWarning
 from rat_plugin.model import RATModel, make_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
 SMALL = dict(dim=64, n_layers=2, ffn_hidden_dim=128, vocab_size=1024, max_seq_len=64)
 
 
@@ -32,7 +33,8 @@ def model_dir(tmp_path_factory) -> Path:
     model.init_weights()
     dcp.save(model.state_dict(), checkpoint_id=str(root / "step-1"), no_dist=True)
     spec = ModelSpec("rat", "debugmodel", model.args, "test")
-    dcp_to_standalone(root / "step-1", root / "model", spec, log=lambda _: None)
+    dcp_to_standalone(root / "step-1", root / "model", spec, tokenizer_dir=TOKENIZER,
+                      log=lambda _: None)
     return root / "model"
 
 
@@ -42,6 +44,20 @@ def spoil_weight(name: str, index: tuple, value: float):
         state = safetensors.torch.load_file(path)
         state[name][index] = value
         safetensors.torch.save_file(state, path)
+    return edit
+
+
+def edit_config(**fields):
+    def edit(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config["args"].update(fields)
+        (folder / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def write(name: str, text: str):
+    def edit(folder: Path) -> None:
+        (folder / name).write_text(text)
     return edit
 
 
@@ -65,6 +81,10 @@ LOAD_CASES = {
     "unknown-device": (None, dict(device="tpu"), ValueError, r"^device='tpu': use cpu or cuda\[:N\]$"),
     "device-not-a-string": (None, dict(device=0.5), TypeError, r"device=0.5 is a float: give a "
                             r"device such as 'cpu'"),
+    "float-n-heads-in-config": (edit_config(n_heads=4.0), {}, ModelFolderError,
+                                r"config.json is invalid \(n_heads=4.0 must be an integer\)"),
+    "string-rope-base-in-config": (edit_config(rope_base="1e4"), {}, ModelFolderError,
+                                   r"\(rope_base='1e4' must be a positive finite number\)"),
     # On a machine without CUDA (simulated), not "convert the checkpoint again".
     "cuda-without-cuda": (None, dict(device="cuda"), ValueError,
                           r"^device='cuda': CUDA is not available on this machine: use cpu$"),
@@ -100,6 +120,27 @@ def test_edited_config_warns_naming_the_fields(model_dir, tmp_path):
     assert_one_line(record[0].message, r"config.json was edited after export: chunk_size=32 "
                     r"\(exported with 16\), rope_base=500.0 \(exported with 10000.0\); .*"
                     r"restore those values or convert the checkpoint again")
+
+
+# id -> (edit of a copy of the model folder, regex of the ModelFolderError of load_tokenizer).
+TOKENIZER_CASES = {
+    "empty-object": (write("tokenizer.json", "{}"), r"tokenizer.json is not a valid tokenizer "
+                     r"\(Model missing. at line 1 column 2\): convert again with --tokenizer DIR"),
+    "not-json": (write("tokenizer.json", "garbage"), r"tokenizer.json is not a valid tokenizer"),
+    "missing": (lambda folder: (folder / "tokenizer.json").unlink(),
+                r"has no tokenizer.json: convert with --tokenizer DIR, or pass token ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(TOKENIZER_CASES))
+def test_load_tokenizer_names_the_bad_file(case, model_dir, tmp_path):
+    edit, pattern = TOKENIZER_CASES[case]
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    edit(folder)
+    with pytest.raises(ModelFolderError) as info:
+        load_tokenizer(folder)
+    assert_one_line(info.value, pattern)
 
 
 PROMPTS = [[1, 2, 3], [4, 5]]

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import torch
 
+from rat_plugin.data.tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerFileError,
+    read_tokenizer,
+    read_tokenizer_config,
+)
 from rat_plugin.generate.arguments import resolve_device, resolve_dtype
 from rat_plugin.model import RATModel, RATModelArgs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 TIED_HEAD = "output.weight"
 # No trained LM weight comes near this (RMSNorm gains and outlier features stay in the tens);
 # beyond it a weight is corruption. It also keeps every weight finite in fp16 (max 65504).
@@ -157,21 +162,23 @@ def warn_config_edits(config: dict, weights: Path) -> None:
 
 def load_tokenizer(model_dir: str | os.PathLike):
     """The HF ``tokenizers.Tokenizer`` copied into the folder by the converter."""
-    from tokenizers import Tokenizer
-
-    path = Path(model_dir) / TOKENIZER_FILE
-    if not path.is_file():
+    if not (Path(model_dir) / TOKENIZER_FILE).is_file():
         raise ModelFolderError(
             f"{model_dir} has no {TOKENIZER_FILE}: convert with --tokenizer DIR, or pass token ids "
             "(--prompt-ids) instead of text"
         )
-    return Tokenizer.from_file(str(path))
+    try:
+        return read_tokenizer(model_dir)
+    except TokenizerFileError as err:
+        raise ModelFolderError(f"{err}: convert again with --tokenizer DIR") from None
 
 
 def special_token_ids(model_dir: str | os.PathLike, tokenizer) -> tuple[int | None, int | None]:
     """(bos id, eos id) named by tokenizer_config.json, None where absent."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        config = read_tokenizer_config(model_dir)
+    except TokenizerFileError as err:
+        raise ModelFolderError(f"{err}: fix it or convert again with --tokenizer DIR") from None
 
     def token_id(name: str) -> int | None:
         token = config.get(name)

@@ -1,8 +1,13 @@
 """Model configuration: a typed dataclass, the four model kinds and the size flavors."""
 
+import math
 from dataclasses import dataclass
 
 MIXERS = ("rat", "attention")
+INT_FIELDS = (
+    "dim", "n_layers", "n_heads", "n_groups", "chunk_size", "vocab_size", "ffn_hidden_dim",
+    "max_seq_len",
+)
 
 
 @dataclass
@@ -40,6 +45,15 @@ class RATModelArgs:
         return self.mixer
 
     def validate(self) -> None:
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
         if self.mixer not in MIXERS:
             raise ValueError(f"mixer={self.mixer!r} is unknown: use one of {MIXERS}")
         for name in ("dim", "n_layers", "n_heads", "n_groups", "vocab_size", "ffn_hidden_dim"):
@@ -59,7 +73,9 @@ class RATModelArgs:
                 f"n_groups={self.n_groups} does not divide n_heads={self.n_heads}: "
                 "choose G with n_heads % G == 0"
             )
-        if self.swa_window is not None and self.swa_window < 1:
+        if self.swa_window is not None and (
+            not isinstance(self.swa_window, int) or self.swa_window < 1
+        ):
             raise ValueError(
                 f"swa_window={self.swa_window} must be >= 1 (or None for no SWA layers)"
             )
