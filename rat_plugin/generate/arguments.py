@@ -5,6 +5,7 @@ and the fix, a TypeError (wrong kind of value) or a ValueError (wrong value). ``
 keyword (messages read ``temperature=nan ...``) or the CLI flag (``--temperature nan ...``).
 """
 
+import argparse
 import math
 import numbers
 from collections.abc import Iterable
@@ -13,6 +14,14 @@ import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes (non-negative)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``error: argument --x: ...``), exit
+    code 2; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
 
 
 def _named(name: str, value) -> str:

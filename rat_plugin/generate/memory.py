@@ -31,11 +31,11 @@ def cache_bytes(args: RATModelArgs, position: int, dtype: torch.dtype) -> int:
 
 
 def human_bytes(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if nbytes < 1024:
             return f"{nbytes:.1f} {unit}"
         nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
+    return f"{nbytes:.3g} PiB"
 
 
 def free_bytes(device: torch.device) -> int:
