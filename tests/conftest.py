@@ -62,12 +62,12 @@ def run_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, timeout=300):
-    """Run ``torchrun -m torchtitan.train`` on ``config`` from the repo root; returns the
-    CompletedProcess (stdout and stderr merged)."""
+    """Run ``torchrun -m torchtitan.train`` on ``config`` (a file of train_configs/, or a path)
+    from the repo root; returns the CompletedProcess (stdout and stderr merged)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--standalone", "-m", "torchtitan.train",
-        "--job.config_file", f"train_configs/{config}",
+        "--job.config_file", str(REPO / "train_configs" / config),
         "--job.dump_folder", str(dump_folder), *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
