@@ -15,9 +15,7 @@ import os
 import sys
 
 from torch import nn
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
@@ -39,8 +37,10 @@ from rat_plugin.data.tokenizer import (
 )
 from rat_plugin.infra import ConfigError, cpu
 from rat_plugin.infra.errors import one_line_excepthook
+from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
 from rat_plugin.infra.job import check_model_name, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
+from rat_plugin.infra.resume import check_resume
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
 
@@ -50,7 +50,8 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
     """RATModelArgs with torchtitan's model-args contract."""
 
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
-        """Take the training length from ``[training] seq_len`` and validate the job."""
+        """Take the training length from ``[training] seq_len`` and validate the job, the
+        checkpoint it resumes from included (before torchtitan loads it)."""
         seq_len = job_config.training.seq_len
         try:
             self.check_seq_len(seq_len)
@@ -75,6 +76,7 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
                     f"{end - 1} but the model's vocab_size is {self.vocab_size}: use the "
                     "model's tokenizer or a flavor with a larger vocabulary"
                 )
+        check_resume(job_config)
 
     def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
         """(parameters, training FLOPs per token) with RAT's real mixing cost.
@@ -177,11 +179,11 @@ def get_train_spec(kind: str) -> TrainSpec:
         model_args=Flavors(kind),
         parallelize_fn=parallelize_rat,
         pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
+        build_optimizers_fn=build_guarded_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
+        build_loss_fn=build_finite_loss,
         build_validator_fn=build_rat_validator,
     )
 
