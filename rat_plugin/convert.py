@@ -308,7 +308,6 @@ def is_model_only_dcp(folder: Path) -> bool:
     return all(k.startswith(MODEL_PREFIXES) for k in entries)
 
 
-
 def model_config(kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype) -> dict:
     """The contents of config.json."""
     return {

@@ -79,8 +79,8 @@ def generate(
     """
     prompts = check_prompts(prompts, model.args.vocab_size)
     max_new_tokens = check_count(max_new_tokens)
-    temperature, top_k, top_p = check_temperature(temperature), check_top_k(top_k), \
-        check_top_p(top_p)
+    temperature = check_temperature(temperature)
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
     seed, stop_tokens = check_seed(seed), check_stop_tokens(stop_tokens)
     weight = model.tok_embeddings.weight
     device = weight.device

@@ -1,6 +1,7 @@
 """Load a standalone model folder (config.json + model.safetensors [+ tokenizer.json])."""
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from rat_plugin.model import RATModel, RATModelArgs
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TIED_HEAD = "output.weight"
-# No trained LM weight comes near this (RMSNorm gains and outlier features stay in the tens);
+# Trained LM weights stay far below this (RMSNorm gains and outlier features are in the tens):
 # beyond it a weight is corruption. It also keeps every weight finite in fp16 (max 65504).
 MAX_ABS_WEIGHT = 1e4
 
@@ -69,7 +70,7 @@ def weight_problem(state: dict[str, torch.Tensor]) -> str | None:
             bad = ~torch.isfinite(tensor) | (tensor.abs() > MAX_ABS_WEIGHT)
             where = [int(i) for i in bad.nonzero()[0]]
             found = float(tensor[tuple(where)])
-            kind = "a non-finite" if not torch.isfinite(torch.tensor(found)) else "an absurd"
+            kind = "an absurd" if math.isfinite(found) else "a non-finite"
             return (
                 f"{name} holds {kind} weight {found:g} at {where} (weights must be finite and "
                 f"within +-{MAX_ABS_WEIGHT:g})"
@@ -104,7 +105,9 @@ def load(
 
     ``dtype`` (torch dtype or "fp32" / "bf16" / "fp16") defaults to the stored one. The
     safetensors file is memory-mapped; the model is built on the meta device and takes the
-    loaded tensors as its parameters, so no random init is spent.
+    loaded tensors as its parameters, so no random init is spent. Non-finite or absurd weights
+    are refused (ModelFolderError naming the tensor); a config.json edited since the export
+    gives a ConfigMismatchWarning naming the fields.
     """
     from safetensors.torch import load_file
 
