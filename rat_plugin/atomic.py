@@ -30,8 +30,10 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 def exchange(a: Path, b: Path) -> bool:
     """Swap the entries at ``a`` and ``b`` atomically; False where this system cannot."""
+    if sys.platform != "linux":
+        return False
     renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if sys.platform != "linux" or renameat2 is None:
+    if renameat2 is None:  # glibc before 2.28
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
