@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +21,17 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from rat_plugin.atomic import atomic_dir
+from rat_plugin.generate.arguments import DTYPES
 from rat_plugin.generate.loading import (
     CONFIG_FILE,
-    DTYPES,
+    CONFIG_RECORD,
     TIED_HEAD,
     WEIGHTS_FILE,
     ModelFolderError,
+    config_record,
     read_config,
+    weight_problem,
 )
 from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModel, RATModelArgs, make_args
 
@@ -148,6 +151,15 @@ def load_dcp_model(step_dir: str | os.PathLike, names: dict[str, TensorStorageMe
     return state
 
 
+def refuse_bad_weights(state: dict[str, torch.Tensor], where: str | os.PathLike) -> None:
+    problem = weight_problem(state)
+    if problem:
+        raise ConversionError(
+            f"{where}: {problem}: the checkpoint is corrupt or training diverged; "
+            "convert an earlier checkpoint"
+        )
+
+
 def _reason(err: BaseException) -> str:
     """One line for an exception; DCP wraps each rank's failure in a CheckpointException."""
     if isinstance(err, CheckpointException) and err.failures:
@@ -182,7 +194,7 @@ def spec_from_config(
         source = f"config {toml_path}" + (" + command line" if overridden else "")
     model_name = model_name or values.get("model", {}).get("name")
     flavor = flavor or values.get("model", {}).get("flavor")
-    seq_len = seq_len or values.get("training", {}).get("seq_len")
+    seq_len = seq_len if seq_len is not None else values.get("training", {}).get("seq_len")
     if model_name is None and flavor is None:
         return None
     if model_name is None or flavor is None:
@@ -196,8 +208,18 @@ def spec_from_config(
         )
     if flavor not in FLAVORS:
         raise ConversionError(f"unknown flavor {flavor!r}: choose one of {list(FLAVORS)}")
-    overrides = {"max_seq_len": int(seq_len)} if seq_len else {}
-    return ModelSpec(model_name, flavor, make_args(model_name, flavor, **overrides), source)
+    args = make_args(model_name, flavor)
+    if seq_len is not None:
+        try:
+            if not isinstance(seq_len, int) or isinstance(seq_len, bool):
+                raise ValueError(f"seq_len={seq_len!r} must be an integer")
+            args.check_seq_len(seq_len)
+        except ValueError as err:
+            raise ConversionError(
+                f"{err} (--seq-len or [training] seq_len, recorded as max_seq_len)"
+            ) from None
+        args.max_seq_len = seq_len
+    return ModelSpec(model_name, flavor, args, source)
 
 
 def tokenizer_from_config(toml_path: str | os.PathLike, log=print) -> str | None:
@@ -247,57 +269,66 @@ def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
 # ----------------------------------------------------------------------------- writing
 
 
-def _set_default_modes(folder: Path) -> None:
-    """mkdtemp and some writers create owner-only entries: give them the usual umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for path in folder.rglob("*"):
-        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextmanager
-def atomic_dir(out_dir: str | os.PathLike, force: bool) -> Iterator[Path]:
-    """Yield a fresh temp folder next to ``out_dir``; on success it becomes ``out_dir``.
-
-    On any failure the temp folder is removed and ``out_dir`` is left as it was. With ``force``
-    an existing ``out_dir`` is swapped out only after the new one is complete.
-    """
-    out = Path(out_dir).resolve()
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        _set_default_modes(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_config(
-    folder: Path, kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype
+def check_output(
+    src: str | os.PathLike, out: str | os.PathLike, force: bool, source: str, written_by_us
 ) -> None:
-    config = {
+    """Refuse an output that is, lies inside or contains the source (whatever ``force``), and
+    an existing output unless ``force`` is given and ``written_by_us(out)`` says this tool
+    wrote it: nothing but a previous export is ever replaced."""
+    src, out = Path(src).resolve(), Path(out).resolve()
+    relation = (
+        "is" if out == src else "is inside" if src in out.parents
+        else "contains" if out in src.parents else None
+    )
+    if relation:
+        raise ConversionError(
+            f"output {out} {relation} the {source} {src}: choose an output folder outside it"
+        )
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    if not out.is_dir() or not written_by_us(out):
+        raise ConversionError(
+            f"{out} exists and is not a folder this tool wrote, so even --force does not "
+            "replace it: remove it yourself or choose another output folder"
+        )
+
+
+def is_model_folder(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+
+
+def is_model_only_dcp(folder: Path) -> bool:
+    """A DCP checkpoint of model weights alone (what ``--to-dcp`` writes), not a training one."""
+    try:
+        entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception:  # no or unreadable .metadata
+        return False
+    return all(k.startswith(MODEL_PREFIXES) for k in entries)
+
+
+def model_config(kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype) -> dict:
+    """The contents of config.json."""
+    return {
         "model_kind": kind,
         "flavor": flavor,
         "dtype": dtype_name(dtype),
         "args": dataclasses.asdict(args),
     }
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+@contextmanager
+def output_folder(out: Path, force: bool, log) -> Iterator[Path]:
+    """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line."""
+    try:
+        with atomic_dir(out, force, log) as tmp:
+            yield tmp
+    except OSError as err:
+        raise ConversionError(
+            f"cannot write {out} ({err.strerror or err}): choose a writable output folder "
+            "with enough free space"
+        ) from None
 
 
 def copy_tokenizer(tokenizer_dir: str | os.PathLike, folder: Path) -> list[str]:
@@ -327,14 +358,14 @@ def dcp_to_standalone(
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    check_output(step_dir, out, force, "source checkpoint", is_model_folder)
     names = read_dcp_shapes(step_dir)
     shapes = {k: m.size for k, m in names.items()}
     spec = spec or spec_from_shapes(shapes)
     log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source})")
     check_shapes(spec.args, shapes, str(step_dir))
     state = load_dcp_model(step_dir, names)
+    refuse_bad_weights(state, step_dir)
     head = state.pop(TIED_HEAD, None)
     if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
         raise ConversionError(
@@ -342,9 +373,11 @@ def dcp_to_standalone(
         )
     dtype = dtype or state["tok_embeddings.weight"].dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    with atomic_dir(out, force) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        write_config(tmp, spec.kind, spec.flavor, spec.args, dtype)
+    config = model_config(spec.kind, spec.flavor, spec.args, dtype)
+    metadata = {"format": "pt", CONFIG_RECORD: config_record(config)}
+    with output_folder(out, force, log) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             log(f"tokenizer: copied {', '.join(copy_tokenizer(tokenizer_dir, tmp))}")
     nparams = sum(v.numel() for v in state.values())
@@ -367,8 +400,7 @@ def standalone_to_dcp(
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
+    check_output(model_dir, out, force, "source model folder", is_model_only_dcp)
     try:
         config, args = read_config(model_dir)
     except ModelFolderError as err:
@@ -378,9 +410,10 @@ def standalone_to_dcp(
         raise ConversionError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
     state = load_file(str(weights))
     check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
+    refuse_bad_weights(state, weights)
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names
-    with atomic_dir(out, force) as tmp:
+    with output_folder(out, force, log) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
     log(f"wrote DCP checkpoint {out} (kind={config.get('model_kind')}, {dtype_name(dtype)})")

@@ -5,7 +5,9 @@ TrainSpecs: ``rat`` (all RAT), ``rat_swa`` (RAT / sliding-window attention inter
 same-backbone attention baselines ``rat_attn`` (full causal attention) and ``rat_attn_swa``
 (attention / SWA interleaved), each with flavors debugmodel, 1.3B, 7B, 13B. Importing also
 registers the local datasets, a "float8" converter name that explains the real one, the
-one-line printing of ``ConfigError``, and (without a GPU) CPU/gloo mode (``infra/cpu.py``).
+one-line printing of the plugin's errors (``infra/errors.py``), and (without a GPU) CPU/gloo
+mode (``infra/cpu.py``); in a trainer process it then checks the job's ``[model] name``
+(``infra/job.py``).
 """
 
 import dataclasses
@@ -14,10 +16,8 @@ import sys
 
 import torch
 from torch import nn
-from torchtitan.components.loss import build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
-from torchtitan.components.optimizer import build_optimizers
-from torchtitan.components.tokenizer import HuggingFaceTokenizer, build_hf_tokenizer
+from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
@@ -30,11 +30,22 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.tools.logging import logger
 
 from rat_plugin.data.datasets import PREPARE_HINT, check_dataset_path, register_datasets
+from rat_plugin.data.tokenizer import (
+    TOKENIZER_FILE,
+    TokenizerFileError,
+    read_tokenizer,
+    read_tokenizer_config,
+    vocab_end,
+)
 from rat_plugin.infra import ConfigError, cpu
+from rat_plugin.infra.errors import one_line_excepthook
+from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
+from rat_plugin.infra.job import check_model_name, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
+from rat_plugin.infra.resume import check_resume
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
-from rat_plugin.ops.dispatch import KERNELS_ENV, ATTENTION_ENV, select_kernels
+from rat_plugin.ops.dispatch import ATTENTION_ENV, KERNELS_ENV, select_kernels
 
 
 @dataclasses.dataclass
@@ -42,7 +53,8 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
     """RATModelArgs with torchtitan's model-args contract."""
 
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
-        """Take the training length from ``[training] seq_len`` and validate the job."""
+        """Take the training length from ``[training] seq_len`` and validate the job, the
+        checkpoint it resumes from included (before torchtitan loads it)."""
         seq_len = job_config.training.seq_len
         try:
             self.check_seq_len(seq_len)
@@ -59,15 +71,16 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
                 )
         self.max_seq_len = seq_len
         self.choose_kernels(job_config)
-        tokenizer_json = os.path.join(job_config.model.hf_assets_path, "tokenizer.json")
-        if os.path.exists(tokenizer_json):
-            vocab = HuggingFaceTokenizer(job_config.model.hf_assets_path).get_vocab_size()
-            if vocab > self.vocab_size:
+        path = job_config.model.hf_assets_path
+        if os.path.exists(os.path.join(path, TOKENIZER_FILE)):
+            end = vocab_end(checked_tokenizer(path))  # the largest id, not the entry count
+            if end > self.vocab_size:
                 raise ConfigError(
-                    f"the tokenizer at [model] hf_assets_path={job_config.model.hf_assets_path} "
-                    f"has {vocab} tokens but the model's vocab_size is {self.vocab_size}: "
-                    "use the model's tokenizer or a flavor with a larger vocabulary"
+                    f"the tokenizer at [model] hf_assets_path={path} has token ids up to "
+                    f"{end - 1} but the model's vocab_size is {self.vocab_size}: use the "
+                    "model's tokenizer or a flavor with a larger vocabulary"
                 )
+        check_resume(job_config)
 
     def choose_kernels(self, job_config: JobConfig) -> None:
         """Resolve ``[rat] scan_kernel / attention_kernel`` (and their environment overrides)
@@ -152,14 +165,26 @@ class Flavors(dict):
         )
 
 
+def checked_tokenizer(path: str):
+    """The tokenizer of ``path``, its files checked before torchtitan reads them."""
+    try:
+        read_tokenizer_config(path)
+        return read_tokenizer(path)
+    except TokenizerFileError as err:
+        raise ConfigError(
+            f"[model] hf_assets_path: {err}: point it at the model's tokenizer"
+        ) from None
+
+
 def build_tokenizer(job_config: JobConfig):
     path = job_config.model.hf_assets_path
-    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+    if not os.path.exists(os.path.join(path, TOKENIZER_FILE)):
         hint = PREPARE_HINT if "assets/tokenizer" in path else "point it at the model's tokenizer"
         raise ConfigError(
             f"no tokenizer.json in {path!r}: set [model] hf_assets_path "
             f"(--model.hf_assets_path) or {hint}"
         )
+    checked_tokenizer(path)
     return build_hf_tokenizer(job_config)
 
 
@@ -185,27 +210,17 @@ class Float8NameError:
         )
 
 
-def _print_config_errors(previous=sys.excepthook):
-    def hook(exc_type, exc, tb):
-        if issubclass(exc_type, ConfigError):
-            print(f"ConfigError: {exc}", file=sys.stderr, flush=True)
-        else:
-            previous(exc_type, exc, tb)
-
-    return hook
-
-
 def get_train_spec(kind: str) -> TrainSpec:
     return TrainSpec(
         model_cls=RATModel,
         model_args=Flavors(kind),
         parallelize_fn=parallelize_rat,
         pipelining_fn=None,
-        build_optimizers_fn=build_optimizers,
+        build_optimizers_fn=build_guarded_optimizers,
         build_lr_schedulers_fn=build_lr_schedulers,
         build_dataloader_fn=build_dataloader,
         build_tokenizer_fn=build_tokenizer,
-        build_loss_fn=build_cross_entropy_loss,
+        build_loss_fn=build_finite_loss,
         build_validator_fn=build_rat_validator,
     )
 
@@ -215,6 +230,9 @@ if cpu.cpu_mode():
 register_datasets()
 if "float8" not in _registry_model_converter_cls:
     register_model_converter(Float8NameError, "float8")
-sys.excepthook = _print_config_errors()
+sys.excepthook = one_line_excepthook()
 for _kind in MODEL_KINDS:
     register_train_spec(_kind, get_train_spec(_kind))
+_job = launched_job()
+if _job is not None:
+    check_model_name(_job)

@@ -22,6 +22,26 @@ def debug_assets() -> Path:
     return REPO / "assets"
 
 
+@pytest.fixture(scope="session")
+def small_model_dir(tmp_path_factory, debug_assets) -> Path:
+    """A converted small rat model folder (2 layers, vocabulary 1024) with the debug tokenizer."""
+    import torch.distributed.checkpoint as dcp
+
+    from rat_plugin.convert import ModelSpec, dcp_to_standalone
+    from rat_plugin.model import RATModel, make_args
+
+    root = tmp_path_factory.mktemp("small_model")
+    torch.manual_seed(0)
+    args = make_args("rat", "debugmodel", dim=64, n_layers=2, ffn_hidden_dim=128,
+                     vocab_size=1024, max_seq_len=64)
+    model = RATModel(args)
+    model.init_weights()
+    dcp.save(model.state_dict(), checkpoint_id=str(root / "step-1"), no_dist=True)
+    dcp_to_standalone(root / "step-1", root / "model", ModelSpec("rat", "debugmodel", args, "test"),
+                      tokenizer_dir=debug_assets / "tokenizer", log=lambda _: None)
+    return root / "model"
+
+
 @pytest.fixture
 def one_thread():
     """Run a test on one torch thread (small models run faster without OpenMP hand-offs)."""
@@ -40,13 +60,23 @@ def cpu_flex_backward(monkeypatch):
     monkeypatch.setattr(flex_frontend, "_validate_device", lambda query, key, value: None)
 
 
+def run_main(main, argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of a command-line ``main(argv)``, usage errors included."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def launch(config: str, dump_folder: Path, *overrides: str, nproc: int = 2, timeout=300):
-    """Run ``torchrun -m torchtitan.train`` on ``config`` from the repo root; returns the
-    CompletedProcess (stdout and stderr merged)."""
+    """Run ``torchrun -m torchtitan.train`` on ``config`` (a file of train_configs/, or a path)
+    from the repo root; returns the CompletedProcess (stdout and stderr merged)."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--standalone", "-m", "torchtitan.train",
-        "--job.config_file", f"train_configs/{config}",
+        "--job.config_file", str(REPO / "train_configs" / config),
         "--job.dump_folder", str(dump_folder), *overrides,
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -16,10 +16,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
+from rat_plugin.atomic import atomic_dir
 from rat_plugin.convert import (
     ConversionError,
     ModelSpec,
-    atomic_dir,
     dcp_to_standalone,
     spec_from_config,
     standalone_to_dcp,
@@ -173,7 +173,7 @@ def test_failure_mid_write_leaves_no_output_and_no_temp(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConversionError, match="cannot write .*out \\(disk full\\)"):
         dcp_to_standalone(step, tmp_path / "out", spec, **quiet)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -182,7 +182,7 @@ def test_failure_mid_write_leaves_no_output_and_no_temp(tmp_path, monkeypatch):
     dcp_to_standalone(step, tmp_path / "out", spec, **quiet)
     before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
     monkeypatch.setattr(safetensors.torch, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConversionError, match="disk full"):
         dcp_to_standalone(step, tmp_path / "out", spec, force=True, **quiet)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
     assert leftovers(tmp_path) == []

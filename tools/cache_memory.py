@@ -6,30 +6,25 @@ Figures come from ``rat_plugin.generate.cache_bytes``, the formula that tests/te
 checks against the caches' own ``nbytes_per_sequence()``.
 """
 
-import argparse
-
 import torch
 
 from rat_plugin.generate import cache_bytes
+from rat_plugin.generate.arguments import OneLineParser
+from rat_plugin.generate.memory import human_bytes
 from rat_plugin.model import FLAVORS, MODEL_KINDS, make_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def human(nbytes: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavor", default="1.3B", choices=list(FLAVORS))
     parser.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     parser.add_argument("--positions", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     args = parser.parse_args()
+    for position in args.positions:
+        if position < 1:
+            parser.error(f"argument --positions: {position} is not a position: give counts >= 1")
     dtype = DTYPES[args.dtype]
     models = {kind: make_args(kind, args.flavor) for kind in MODEL_KINDS}
     shape = models["rat"]
@@ -42,7 +37,7 @@ def main() -> None:
     for position in args.positions:
         sizes = {kind: cache_bytes(m, position, dtype) for kind, m in models.items()}
         ratio = sizes["rat_attn"] / sizes["rat"]
-        cells = "".join(f"{human(b):>14}" for b in sizes.values())
+        cells = "".join(f"{human_bytes(b):>14}" for b in sizes.values())
         print(f"{position:>9}{cells}{ratio:>10.1f}")
 
 

@@ -20,10 +20,11 @@ from rat_plugin.convert import (
     standalone_to_dcp,
     tokenizer_from_config,
 )
+from rat_plugin.generate.arguments import OneLineParser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="DCP step folder (or, with --to-dcp, a standalone folder)")
     parser.add_argument("out", help="output folder (written atomically)")
     parser.add_argument("--to-dcp", action="store_true", help="standalone folder -> DCP checkpoint")

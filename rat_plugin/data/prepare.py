@@ -2,7 +2,9 @@
 
 Outputs (relative to the working directory, i.e. the repo root, like the configs' paths):
   assets/data/rat_debug/{train,validation}.jsonl   one {"text": ...} story a line
-  assets/tokenizer/{tokenizer.json,tokenizer_config.json}   vocab 2048, loads with torchtitan's
+  assets/tokenizer/{tokenizer.json,tokenizer_config.json}   trained for a 2048-id vocabulary
+                                                             (724 entries: the corpus is small),
+                                                             loads with torchtitan's
                                                              HuggingFaceTokenizer
 Deterministic and idempotent: a manifest records what was generated; a second run with the same
 settings does nothing.

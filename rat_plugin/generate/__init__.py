@@ -5,10 +5,16 @@
 """
 
 from rat_plugin.generate.decode import GenerationResult, GenerationStats, generate
-from rat_plugin.generate.loading import ModelFolderError, load, load_tokenizer
+from rat_plugin.generate.loading import (
+    ConfigMismatchWarning,
+    ModelFolderError,
+    load,
+    load_tokenizer,
+)
 from rat_plugin.generate.memory import cache_bytes, layer_cache_bytes
 
 __all__ = [
+    "ConfigMismatchWarning",
     "GenerationResult",
     "GenerationStats",
     "ModelFolderError",

@@ -11,16 +11,33 @@ cache size per sequence are printed at the end.
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
-from rat_plugin.generate.decode import check_prompts, generate
-from rat_plugin.generate.loading import ModelFolderError, load, load_tokenizer, special_token_ids
+from rat_plugin.generate.arguments import (
+    OneLineParser,
+    check_count,
+    check_prompts,
+    check_seed,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+    resolve_device,
+)
+from rat_plugin.generate.decode import generate
+from rat_plugin.generate.loading import (
+    ConfigMismatchWarning,
+    ModelFolderError,
+    load,
+    load_tokenizer,
+    special_token_ids,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m rat_plugin.generate", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--model", required=True, help="folder from tools/convert_checkpoint.py")
@@ -82,14 +99,39 @@ def encode_prompts(args: argparse.Namespace):
     return prompts, tokenizer, stop
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The generation flags, checked before the model loads; the messages name the flag."""
+    args.device = resolve_device(args.device, "--device")
+    check_count(args.max_new_tokens, "--max-new-tokens")
+    check_temperature(args.temperature, "--temperature")
+    check_top_k(args.top_k, "--top-k")
+    check_top_p(args.top_p, "--top-p")
+    check_seed(args.seed, "--seed")
+
+
+def load_reporting_edits(args: argparse.Namespace):
+    """``load`` with a config.json edited after export reported as one ``warning:`` line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load(args.model, device=args.device, dtype=args.dtype)
+    for warning in caught:
+        if issubclass(warning.category, ConfigMismatchWarning):
+            print(f"warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        model = load(args.model, device=args.device, dtype=args.dtype)
+        check_options(args)
+        model = load_reporting_edits(args)
         prompts, tokenizer, stop = encode_prompts(args)
         check_prompts(prompts, model.args.vocab_size)
         result = run(model, prompts, args, stop, tokenizer)
-    except (ModelFolderError, ValueError) as err:
+    except (ModelFolderError, ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     stats = result.stats
@@ -111,6 +153,9 @@ def run(model, prompts, args, stop, tokenizer):
 
     def stream(step: int, tokens: list[int], active: list[bool]) -> None:
         nonlocal printed
+        if step == 0:  # the prompt, once generation has passed every check
+            sys.stdout.write(printed)
+            sys.stdout.flush()
         if active[0]:
             shown.append(tokens[0])
             text = show(shown)
@@ -121,8 +166,6 @@ def run(model, prompts, args, stop, tokenizer):
                 printed = text
 
     single = len(prompts) == 1
-    if single:
-        print(printed, end="", flush=True)
     result = generate(
         model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
         args.seed, stop, on_token=stream if single else None, cuda_graph=args.cuda_graph,

@@ -6,7 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rat_plugin.generate.sampling import check_sampling, sample
+from rat_plugin.generate.arguments import (
+    check_count,
+    check_prompts,
+    check_seed,
+    check_stop_tokens,
+    check_temperature,
+    check_top_k,
+    check_top_p,
+)
+from rat_plugin.generate.memory import check_cache_fits
+from rat_plugin.generate.sampling import sample
 from rat_plugin.generate.step import DecodeStep
 from rat_plugin.model import RATModel
 
@@ -38,24 +48,6 @@ class GenerationResult:
     logits: list[torch.Tensor] | None = None  # per prompt (new tokens, vocab) fp32, on request
 
 
-def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
-    if isinstance(prompts, torch.Tensor) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of token id lists")
-    checked = []
-    for i, prompt in enumerate(prompts):
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-        if not ids:
-            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        bad = [t for t in ids if not 0 <= int(t) < vocab_size]
-        if bad:
-            raise ValueError(
-                f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:8]}"
-                ": is the tokenizer the model's?"
-            )
-        checked.append([int(t) for t in ids])
-    return checked
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,7 +68,8 @@ def generate(
     cuda_graph: bool = False,
 ) -> GenerationResult:
     """Continue every prompt (a list of token ids; lengths may differ) by up to
-    ``max_new_tokens`` tokens, not capped at the training length.
+    ``max_new_tokens`` tokens (>= 1), not capped at the training length: a count whose decode
+    caches would not fit the device's free memory is refused.
 
     temperature 0 is greedy; otherwise sample with optional top-k / top-p, reproducibly when
     ``seed`` is given. A sequence stops after emitting one of ``stop_tokens``. ``on_token(step,
@@ -85,16 +78,19 @@ def generate(
     decode step once and replays it for every token (see ``DecodeStep``).
     """
     prompts = check_prompts(prompts, model.args.vocab_size)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    check_sampling(temperature, top_k, top_p)
-    device = model.tok_embeddings.weight.device
+    max_new_tokens = check_count(max_new_tokens)
+    temperature = check_temperature(temperature)
+    top_k, top_p = check_top_k(top_k), check_top_p(top_p)
+    seed, stop_tokens = check_seed(seed), check_stop_tokens(stop_tokens)
+    weight = model.tok_embeddings.weight
+    device = weight.device
+    batch, longest = len(prompts), max(len(p) for p in prompts)
+    check_cache_fits(model.args, batch, longest, max_new_tokens, weight.dtype, device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
 
-    batch, longest = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     padded = torch.zeros(batch, longest, dtype=torch.long, device=device)
     for i, prompt in enumerate(prompts):

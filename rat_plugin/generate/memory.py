@@ -1,4 +1,7 @@
-"""Decode-cache size per sequence (docs/design.md section 3), from the shapes alone."""
+"""Decode-cache size per sequence (docs/design.md section 3), from the shapes alone, and whether a
+generation's caches fit the device's free memory."""
+
+import os
 
 import torch
 
@@ -25,3 +28,51 @@ def layer_cache_bytes(args: RATModelArgs, layer_id: int, position: int, dtype: t
 def cache_bytes(args: RATModelArgs, position: int, dtype: torch.dtype) -> int:
     """Bytes of all layers' caches for one sequence after ``position`` tokens."""
     return sum(layer_cache_bytes(args, i, position, dtype) for i in range(args.n_layers))
+
+
+def human_bytes(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.3g} PiB"
+
+
+def free_bytes(device: torch.device) -> int:
+    """What a new allocation on ``device`` can take: CUDA's free memory plus the blocks PyTorch
+    holds unused; on the CPU, the kernel's MemAvailable."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_cache_fits(
+    args: RATModelArgs, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Refuse a ``max_new_tokens`` whose decode caches (``batch`` sequences of up to
+    ``prompt_len + max_new_tokens - 1`` tokens) exceed the device's free memory."""
+
+    def need(new_tokens: int) -> int:
+        return batch * cache_bytes(args, prompt_len + new_tokens - 1, dtype)
+
+    free = free_bytes(device)
+    if need(max_new_tokens) <= free:
+        return
+    low, high = 0, max_new_tokens  # need(low) fits or low is 0, need(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if need(mid) <= free else (low, mid)
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens} needs {human_bytes(need(max_new_tokens))} of decode "
+        f"cache for {batch} sequence(s), but {device.type} has {human_bytes(free)} free: at "
+        f"most {low} new tokens fit; lower max_new_tokens or the batch"
+    )

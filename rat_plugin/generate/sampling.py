@@ -3,15 +3,6 @@
 import torch
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k} must be >= 1 (or None for no top-k)")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p} must be in (0, 1] (or None for no top-p)")
-
-
 def sample(
     logits: torch.Tensor,
     temperature: float = 0.0,

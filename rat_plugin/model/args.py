@@ -1,10 +1,15 @@
 """Model configuration: a typed dataclass, the four model kinds and the size flavors."""
 
+import math
 from dataclasses import dataclass
 
 from rat_plugin.ops.dispatch import ATTENTION_KERNELS, SCAN_KERNELS, check_choice
 
 MIXERS = ("rat", "attention")
+INT_FIELDS = (
+    "dim", "n_layers", "n_heads", "n_groups", "chunk_size", "vocab_size", "ffn_hidden_dim",
+    "max_seq_len",
+)
 
 
 @dataclass
@@ -45,6 +50,15 @@ class RATModelArgs:
         return self.mixer
 
     def validate(self) -> None:
+        for name in INT_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer")
+        for name in ("norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < math.inf:
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
         self.scan_kernel = check_choice("scan_kernel", self.scan_kernel, SCAN_KERNELS)
         self.attention_kernel = check_choice(
             "attention_kernel", self.attention_kernel, ATTENTION_KERNELS
@@ -68,13 +82,19 @@ class RATModelArgs:
                 f"n_groups={self.n_groups} does not divide n_heads={self.n_heads}: "
                 "choose G with n_heads % G == 0"
             )
-        if self.swa_window is not None and self.swa_window < 1:
+        if self.swa_window is not None and (
+            not isinstance(self.swa_window, int) or self.swa_window < 1
+        ):
             raise ValueError(
                 f"swa_window={self.swa_window} must be >= 1 (or None for no SWA layers)"
             )
 
     def check_seq_len(self, seq_len: int) -> None:
-        """Training needs whole chunks when any layer is RAT."""
+        """Training needs a positive length, of whole chunks when any layer is RAT."""
+        if seq_len < 1:
+            raise ValueError(
+                f"seq_len={seq_len} must be a positive number of tokens, e.g. {self.max_seq_len}"
+            )
         if self.mixer == "rat" and seq_len % self.chunk_size:
             lower = seq_len - seq_len % self.chunk_size
             raise ValueError(

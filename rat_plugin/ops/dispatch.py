@@ -32,7 +32,8 @@ ATTENTION_KERNELS = ("auto", "torch", "flex", "flex_bf16")
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    value = value.strip().lower() or "auto"
+    if isinstance(value, str):
+        value = value.strip().lower() or "auto"
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
     return value

@@ -1,0 +1,37 @@
+"""Checks of the launched job that torchtitan settles before any plugin code runs.
+
+The trainer imports the plugin (``[experimental] custom_import``) after parsing the job and
+before looking up its train spec, so a missing or unknown ``[model] name`` (torchtitan then
+builds llama3, or says only "not registered") can be caught here, at import: the job is the
+trainer's own command line, parsed again. Outside a trainer process nothing is checked.
+"""
+
+import sys
+
+from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config.job_config import Model
+
+from rat_plugin.infra import ConfigError
+from rat_plugin.model.args import MODEL_KINDS
+
+TRAINER_MODULES = ("torchtitan.train", "rat_plugin.train")
+
+
+def launched_job() -> JobConfig | None:
+    """The job of the trainer process importing the plugin; None in any other process."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main_spec, "name", None) not in TRAINER_MODULES:
+        return None
+    return ConfigManager().parse_args(sys.argv[1:])
+
+
+def check_model_name(job_config: JobConfig) -> None:
+    name = job_config.model.name
+    if name in MODEL_KINDS:
+        return
+    unset = " (torchtitan's default: [model] name is not set)" if name == Model.name else ""
+    raise ConfigError(
+        f"[model] name={name!r}{unset} is not a RAT model: set it to one of "
+        f"{sorted(MODEL_KINDS)} (--model.name), or drop custom_import = "
+        '"rat_plugin.train_spec" to train other models'
+    )

@@ -1,0 +1,136 @@
+"""Converter surface (tools/convert_checkpoint.py), one table row per bad input: the tool exits
+with 1 and one line naming the bad value and the fix, the source checkpoint's bytes are
+unchanged, and an export already at the output path is intact."""
+
+import hashlib
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed.checkpoint as dcp
+
+from rat_plugin.model import RATModel, make_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def full_checkpoint(path: Path, edit=None) -> Path:
+    """A torchtitan-layout full checkpoint (model, optimizer, trainer states) of the debug RAT
+    model; ``edit(state)`` may spoil a weight first."""
+    torch.manual_seed(0)
+    model = RATModel(make_args("rat", "debugmodel"))
+    model.init_weights()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    if edit is not None:
+        edit(state)
+    state["output.weight"] = state["tok_embeddings.weight"]
+    state["optimizer"] = {"state": {"tok_embeddings.weight": {"exp_avg": torch.ones(3)}}}
+    state["train_state"] = {"step": 7}
+    dcp.save(state, checkpoint_id=str(path), no_dist=True)
+    return path
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Every file below ``folder`` (relative path -> sha256); {} when it does not exist."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def spoil(name: str, index: tuple, value: float):
+    def edit(state: dict) -> None:
+        state[name][index] = value
+    return edit
+
+
+def spoil_export(export: Path, edit) -> None:
+    state = safetensors.torch.load_file(str(export / "model.safetensors"))
+    edit(state)
+    safetensors.torch.save_file(state, str(export / "model.safetensors"))
+
+
+RAT = ("--model-name", "rat", "--flavor", "debugmodel")
+NAN_ROW = spoil("tok_embeddings.weight", (5,), float("nan"))
+# id -> (edit spoiling the source's weights or None, arguments after the source folder, regex
+# the one-line error must match). The source is {src} = {tmp}/run/checkpoint/step-7, a full
+# training checkpoint, or with --to-dcp {export}, a folder the tool wrote from it; {tmp}/notes
+# is a folder of the user's.
+CASES = {
+    "output-is-source": (None, ["{src}", "--force"], r"output .*step-7 is the source checkpoint"),
+    "output-inside-source": (None, ["{src}/export", "--force"], r"is inside the source checkpoint"),
+    "output-contains-source": (None, ["{src}/..", "--force"], r"contains the source checkpoint"),
+    "output-is-source-link": (None, ["{tmp}/link-to-src", "--force"], r"is the source checkpoint"),
+    "to-dcp-output-is-source": (None, ["{export}", "--to-dcp", "--force"], r"is the source"),
+    "force-onto-user-folder": (None, ["{tmp}/notes", "--force"], r"notes exists and is not a "
+                               r"folder this tool wrote, so even --force does not replace it"),
+    "force-onto-training-checkpoint": (None, ["{src}", "--to-dcp", "--force"],
+                                       r"step-7 exists and is not a folder this tool wrote"),
+    "existing-output-without-force": (None, ["{export}"], r"export already exists: pass --force"),
+    # Checked before the tied head is compared, so a NaN is not reported as "differs".
+    "nan-embedding-row": (NAN_ROW, ["{tmp}/out"], r"step-7: tok_embeddings.weight holds a "
+                          r"non-finite weight nan at \[5, 0\].*convert an earlier checkpoint"),
+    "inf-norm-weight": (spoil("norm.weight", (3,), float("inf")), ["{tmp}/out"],
+                        r"norm.weight holds a non-finite weight inf at \[3\]"),
+    "absurd-ffn-weight": (spoil("layers.1.feed_forward.w2.weight", (2, 7), 3.4e38), ["{tmp}/out"],
+                          r"w2.weight holds an absurd weight 3.4e\+38 at \[2, 7\] \(weights must "
+                          r"be finite and within \+-10000\)"),
+    "to-dcp-nan-export": (NAN_ROW, ["{tmp}/out", "--to-dcp"],
+                          r"model.safetensors: tok_embeddings.weight holds a non-finite weight"),
+    "negative-seq-len": (None, ["{tmp}/out", *RAT, "--seq-len", "-5"],
+                         r"seq_len=-5 must be a positive number of tokens, e.g. 256 \(--seq-len"),
+    "chunk-misaligned-seq-len": (None, ["{tmp}/out", *RAT, "--seq-len", "100"],
+                                 r"seq_len=100 is not a multiple of chunk_size=16: use seq_len=96 "
+                                 r"or 112"),
+    "output-under-a-file": (None, ["{tmp}/notes/todo.txt/out"],
+                            r"cannot write .*todo.txt/out \(.*\): choose a writable output folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
+    edit, args, pattern = CASES[case]
+    to_dcp = "--to-dcp" in args
+    src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7", None if to_dcp else edit)
+    export = tmp_path / "export"
+    assert convert_main([str(full_checkpoint(tmp_path / "good"))
+                         if edit and not to_dcp else str(src), str(export)]) == 0
+    if edit and to_dcp:
+        spoil_export(export, edit)
+    (tmp_path / "link-to-src").symlink_to(src)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    capsys.readouterr()
+    before = tree_hashes(tmp_path)
+
+    argv = [a.format(src=src, export=export, tmp=tmp_path) for a in args]
+    assert convert_main([str(export if to_dcp else src), *argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert tree_hashes(tmp_path) == before
+
+
+def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    """The OS refusing the write (simulated: the tests may run as root, which ignores modes)."""
+    src = full_checkpoint(tmp_path / "step-7")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    before = tree_hashes(tmp_path)
+    assert convert_main([str(src), str(tmp_path / "read-only" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(
+        r"^error: cannot write .*read-only/out \(Permission denied\): choose a writable", err)
+    assert tree_hashes(tmp_path) == before

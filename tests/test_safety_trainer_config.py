@@ -1,0 +1,162 @@
+"""Trainer configuration surface, one table row per bad job: a ConfigError whose one line names
+the setting and the fix, raised by what torchtitan's Trainer runs before any training (the
+plugin's import-time job check, the train spec lookup, the tokenizer build, the flavor lookup,
+update_from_config and the FLOP count). The slow tests launch the real entry points and check
+that such an error reaches the user as one line per rank and a non-zero exit."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchtitan.config import ConfigManager
+from torchtitan.protocols.train_spec import get_train_spec
+
+import rat_plugin.train_spec as ts
+from conftest import REPO, launch
+from rat_plugin.data.tokenizer import read_tokenizer
+from rat_plugin.infra import ConfigError
+from rat_plugin.infra.job import check_model_name
+
+DEBUG_TOML = REPO / "train_configs" / "rat_debug.toml"
+
+
+def toml_without(tmp_path: Path, line: str) -> Path:
+    """rat_debug.toml with one line removed."""
+    text = DEBUG_TOML.read_text()
+    assert line in text.splitlines()
+    path = tmp_path / "edited.toml"
+    path.write_text("\n".join(l for l in text.splitlines() if l != line) + "\n")
+    return path
+
+
+def tokenizer_folder(tmp_path: Path, tokenizer_json: str | None = None,
+                     tokenizer_config: str | None = None) -> Path:
+    """A copy of the debug tokenizer with its files replaced."""
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(REPO / "assets" / "tokenizer", folder)
+    if tokenizer_json is not None:
+        (folder / "tokenizer.json").write_text(tokenizer_json)
+    if tokenizer_config is not None:
+        (folder / "tokenizer_config.json").write_text(tokenizer_config)
+    return folder
+
+
+def sparse_ids_tokenizer(tmp_path: Path) -> Path:
+    """The debug tokenizer (724 entries) with one id moved to 4000, past the 2048 vocabulary."""
+    data = json.loads((REPO / "assets" / "tokenizer" / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    token = max(vocab, key=vocab.get)
+    vocab[token] = 4000
+    folder = tokenizer_folder(tmp_path, tokenizer_json=json.dumps(data))
+    assert read_tokenizer(folder).get_vocab_size() == 724  # entries: fewer than 2048
+    return folder
+
+
+def trainer_setup(config: Path, *overrides: str) -> None:
+    """What torchtitan's Trainer.__init__ runs with the plugin before any training."""
+    job = ConfigManager().parse_args(["--job.config_file", str(config), *overrides])
+    check_model_name(job)  # what importing rat_plugin.train_spec checks in a trainer process
+    spec = get_train_spec(job.model.name)
+    spec.build_tokenizer_fn(job)
+    args = ts.RATTitanArgs(**vars(spec.model_args[job.model.flavor]))  # a copy: it is updated
+    args.update_from_config(job)
+    with torch.device("meta"):
+        model = spec.model_cls(args)
+    args.get_nparams_and_flops(model, job.training.seq_len)
+
+
+KINDS = r"\['rat', 'rat_attn', 'rat_attn_swa', 'rat_swa'\]"
+# id -> (function of tmp_path giving (config, overrides), regex of the ConfigError).
+CASES = {
+    "no-model-name": (lambda tmp: (toml_without(tmp, 'name = "rat"'), []),
+                      r"^\[model\] name='llama3' \(torchtitan's default: \[model\] name is not set\) "
+                      rf"is not a RAT model: set it to one of {KINDS} \(--model.name\)"),
+    "unknown-model-name": (lambda tmp: (DEBUG_TOML, ["--model.name", "ratt"]),
+                           rf"^\[model\] name='ratt' is not a RAT model: set it to one of {KINDS}"),
+    "unknown-flavor": (lambda tmp: (DEBUG_TOML, ["--model.flavor", "2B"]),
+                       r"^\[model\] flavor='2B' is unknown for rat: choose one of"),
+    "zero-seq-len": (lambda tmp: (DEBUG_TOML, ["--training.seq_len", "0"]),
+                     r"^\[training\] seq_len=0 must be a positive number of tokens, e.g. 256$"),
+    "negative-seq-len": (lambda tmp: (DEBUG_TOML, ["--training.seq_len", "-16"]),
+                         r"^\[training\] seq_len=-16 must be a positive number of tokens"),
+    "chunk-misaligned-seq-len": (lambda tmp: (DEBUG_TOML, ["--training.seq_len", "250"]),
+                                 r"seq_len=250 is not a multiple of chunk_size=16"),
+    "token-id-beyond-vocab": (lambda tmp: (DEBUG_TOML, ["--model.hf_assets_path",
+                                                        str(sparse_ids_tokenizer(tmp))]),
+                              r"has token ids up to 4000 but the model's vocab_size is 2048: use "
+                              r"the model's tokenizer or a flavor with a larger vocabulary"),
+    "tokenizer-json-empty-object": (lambda tmp: (DEBUG_TOML, ["--model.hf_assets_path",
+                                                              str(tokenizer_folder(tmp, "{}"))]),
+                                    r"^\[model\] hf_assets_path: .*tokenizer.json is not a valid "
+                                    r"tokenizer \(Model missing. at line 1 column 2\): point it at "
+                                    r"the model's tokenizer"),
+    "bad-tokenizer-config": (lambda tmp: (DEBUG_TOML, ["--model.hf_assets_path", str(
+        tokenizer_folder(tmp, tokenizer_config="{bos"))]),
+        r"^\[model\] hf_assets_path: .*tokenizer_config.json is not valid JSON"),
+    "missing-tokenizer": (lambda tmp: (DEBUG_TOML, ["--model.hf_assets_path", str(tmp / "nope")]),
+                          r"no tokenizer.json in .*nope.*: set \[model\] hf_assets_path"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_job_is_a_one_line_config_error(case, tmp_path, debug_assets, monkeypatch):
+    monkeypatch.chdir(REPO)  # the configs name paths relative to the repo root
+    make, pattern = CASES[case]
+    config, overrides = make(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        trainer_setup(config, *overrides)
+    message = str(info.value)
+    assert "\n" not in message and re.search(pattern, message), message
+
+
+def test_a_sound_job_passes(debug_assets, monkeypatch):
+    monkeypatch.chdir(REPO)
+    trainer_setup(DEBUG_TOML)
+
+
+def run_plugin_trainer(dump: Path, config: Path, *overrides: str):
+    """``python -m rat_plugin.train`` (one process) from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "rat_plugin.train", "--job.config_file", str(config),
+         "--job.dump_folder", str(dump), *overrides],
+        cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_config_error_is_one_line_per_rank(tmp_path, debug_assets):
+    """Two ranks, a TOML without [model] name (torchtitan would build llama3). Each rank prints
+    the one line; torchrun's report repeats it instead of the ranks' tracebacks. What remains
+    is torchrun's own summary (its traceback and per-rank table)."""
+    run = launch(str(toml_without(tmp_path, 'name = "rat"')), tmp_path / "dump")
+    line = "ConfigError: [model] name='llama3' (torchtitan's default: [model] name is not set)"
+    assert run.returncode != 0
+    lines = run.stdout.splitlines()
+    printed_by_ranks = [l for l in lines if re.match(rf"(\[rank\d\]: )?{re.escape(line)}", l)]
+    assert 1 <= len(printed_by_ranks) <= 2, run.stdout
+    report = [l.split("traceback : ", 1)[1] for l in lines if "traceback : " in l]
+    assert report and all(r.startswith(line) for r in report), run.stdout
+    assert run.stdout.count("Traceback (most recent call last)") == 1  # torchrun's own
+    assert not [l for l in lines if re.search(r'File ".*(rat_plugin|torchtitan)/', l)], run.stdout
+    assert len(lines) < 60, run.stdout  # it was 93 with the ranks' tracebacks
+
+
+@pytest.mark.slow
+def test_plugin_entry_point_needs_no_custom_import(tmp_path, debug_assets):
+    """Without [experimental] custom_import, torchtitan.train never loads the plugin (and on a
+    CPU-only host dies in _cuda_setDevice); rat_plugin.train loads it anyway, so a bad setting
+    still ends in the plugin's one line, here seq_len 0 (a ZeroDivisionError in the FLOP count
+    before)."""
+    config = toml_without(tmp_path, 'custom_import = "rat_plugin.train_spec"')
+    run = run_plugin_trainer(tmp_path / "dump", config, "--training.seq_len", "0")
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].endswith(
+        "ConfigError: [training] seq_len=0 must be a positive number of tokens, e.g. 256")
