@@ -26,10 +26,11 @@ def test_blocked_mixing_matches_loop_oracle(small_blocks, seq_len, chunk_size):
     assert_matches_loop_oracle(rat_mixing, [q, k, v, gate], chunk_size)
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["", "documents"])
 @pytest.mark.parametrize("summary_kind", ["unsorted", "sorted"])
-def test_blocked_chunk_attention_matches_dense(small_blocks, summary_kind):
-    """Unsorted summaries (gathered CP pieces) and the sorted prefix case give the dense
-    formula's values and gradients."""
+def test_blocked_chunk_attention_matches_dense(small_blocks, summary_kind, documents):
+    """Unsorted summaries (gathered CP pieces), the sorted prefix case, and per-sequence document
+    bounds give the dense formula's values and gradients."""
     torch.manual_seed(0)
     batch, heads, seq_len, num_summaries, head_dim = 2, 1, 40, 5, 2
     q, k_state, v_state = (
@@ -46,16 +47,18 @@ def test_blocked_chunk_attention_matches_dense(small_blocks, summary_kind):
         "sorted": torch.arange(num_summaries),
     }[summary_kind]
     query_chunk = torch.randint(0, num_summaries + 1, (seq_len,))
+    # A document starting at a random chunk <= the query's, per sequence.
+    first = (torch.rand(batch, seq_len) * (query_chunk + 1)).long() if documents else None
 
     def blocked(*tensors):
         q, k_state, v_state, summary_k, summary_v = tensors
         return chunk_attention_module.chunk_attention(
-            q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 0.5
+            q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 0.5, first
         )
 
     inputs = (q, k_state, v_state, summary_k, summary_v)
     dense = chunk_attention_module._dense_chunk_attention(
-        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 0.5
+        q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, 0.5, first
     )
     torch.testing.assert_close(blocked(*inputs), dense, rtol=0, atol=1e-12)
     assert torch.autograd.gradcheck(blocked, inputs)

@@ -18,6 +18,7 @@ def chunk_attention(
     summary_v: torch.Tensor,
     summary_chunk: torch.Tensor,
     scale: float,
+    query_first_chunk: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One softmax per query over {summaries of chunks < its chunk} and its own state.
 
@@ -25,6 +26,8 @@ def chunk_attention(
     summary_k, summary_v: (batch, heads, num_summaries, head_dim); summary_k rotated.
     query_chunk: (seq,) chunk index of each query.
     summary_chunk: (num_summaries,) chunk index of each summary, in any order.
+    query_first_chunk: (batch, seq) first chunk of each query's document, for packed documents
+    (docs/design.md section 7): summaries of earlier chunks are then hidden too.
     The own state is always in the softmax, so no row is ever fully masked (no NaN).
     Returns (batch, heads, seq, head_dim) in the dtype of q.
 
@@ -34,26 +37,29 @@ def chunk_attention(
     them. Under torch.compile the plain dense formula is traced instead. The forward mutates no
     op output (an activation-checkpointing policy may save any of them).
     """
+    first = query_first_chunk
     if torch.compiler.is_compiling():
         return _dense_chunk_attention(
-            q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale
+            q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale, first
         )
     unsorted = summary_chunk.numel() > 1 and bool((summary_chunk[1:] < summary_chunk[:-1]).any())
     if unsorted:  # e.g. gathered context-parallel pieces
         order = torch.argsort(summary_chunk, stable=True)
         summary_k, summary_v = summary_k[:, :, order], summary_v[:, :, order]
         summary_chunk = summary_chunk[order]
-    blocks = _query_blocks(q.shape, query_chunk, summary_chunk)
+    blocks = _query_blocks(q.shape, query_chunk, summary_chunk, first)
     out = _BlockedChunkAttention.apply(
-        q, k_state, v_state, summary_k, summary_v, query_chunk, summary_chunk, scale, blocks
+        q, k_state, v_state, summary_k, summary_v, query_chunk, summary_chunk, first, scale,
+        blocks,
     )
     return out.to(q.dtype)
 
 
-def _query_blocks(shape, query_chunk, summary_chunk) -> list[tuple[int, int, int, int]]:
+def _query_blocks(shape, query_chunk, summary_chunk, first) -> list[tuple[int, int, int, int]]:
     """(first query, end query, summaries all its queries see, summaries any of them sees).
 
-    The summary chunks are sorted, so the visible summaries of a block are a prefix.
+    The summary chunks are sorted, so the visible summaries of a block are a prefix (within a
+    prefix, with documents: then no summary counts as seen by all).
     """
     batch, heads, seq_len, _ = shape
     num_summaries = summary_chunk.shape[-1]
@@ -68,26 +74,32 @@ def _query_blocks(shape, query_chunk, summary_chunk) -> list[tuple[int, int, int
     limits[1].scatter_reduce_(0, block, chunks, "amax", include_self=False)
     bounds = torch.searchsorted(summary_chunk.contiguous(), limits)
     full, seen = bounds.tolist()
+    if first is not None:
+        full = [0] * len(starts)
     return [(s, min(s + size, seq_len), f, n) for s, f, n in zip(starts, full, seen)]
 
 
-def _earlier(query_chunk: torch.Tensor, summary_chunk: torch.Tensor) -> torch.Tensor:
-    """Which summaries each query sees: (T, N)."""
-    return summary_chunk[None, :] < query_chunk[:, None]
+def _visible(query_chunk, summary_chunk, first=None) -> torch.Tensor:
+    """Which summaries each query sees: (T, N), or (B, 1, T, N) with documents."""
+    earlier = summary_chunk[None, :] < query_chunk[:, None]
+    if first is None:
+        return earlier
+    return (earlier & (summary_chunk[None, None, :] >= first[:, :, None]))[:, None]
 
 
-def _block_scores(q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen):
+def _block_scores(q_scaled, summary_k, query_chunk, summary_chunk, first, start, end, full, seen):
     """Masked scores (B, H, block, seen) of queries start:end against the first seen summaries."""
     scores = torch.matmul(q_scaled[:, :, start:end], summary_k[:, :, :seen].transpose(-1, -2))
     if full < seen:
-        hidden = ~_earlier(query_chunk[start:end], summary_chunk[:seen])
+        block_first = None if first is None else first[:, start:end]
+        hidden = ~_visible(query_chunk[start:end], summary_chunk[:seen], block_first)
         scores = scores.masked_fill(hidden, float("-inf"))
     return scores
 
 
 class _BlockedChunkAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k_state, v_state, summary_k, summary_v, query_chunk, summary_chunk,
+    def forward(ctx, q, k_state, v_state, summary_k, summary_v, query_chunk, summary_chunk, first,
                 scale, blocks):
         # Contiguous (B, H, T, d) so query blocks feed matmul without copies.
         q, k_state, v_state, summary_k, summary_v = (
@@ -104,7 +116,7 @@ class _BlockedChunkAttention(torch.autograd.Function):
                 lse[..., start:end] = own_b
                 continue
             scores = _block_scores(
-                q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen
+                q_scaled, summary_k, query_chunk, summary_chunk, first, start, end, full, seen
             )
             top = torch.maximum(scores.amax(-1), own_b)  # finite: the own score is
             probs = torch.exp(scores - top[..., None])
@@ -115,7 +127,7 @@ class _BlockedChunkAttention(torch.autograd.Function):
             lse[..., start:end] = top + total.log()
         ctx.save_for_backward(q, k_state, v_state, summary_k, summary_v, query_chunk,
                               summary_chunk, out, lse)
-        ctx.scale, ctx.blocks = scale, blocks
+        ctx.scale, ctx.blocks, ctx.first = scale, blocks, first
         return out
 
     @staticmethod
@@ -139,7 +151,8 @@ class _BlockedChunkAttention(torch.autograd.Function):
             if seen == 0:
                 continue
             scores = _block_scores(
-                q_scaled, summary_k, query_chunk, summary_chunk, start, end, full, seen
+                q_scaled, summary_k, query_chunk, summary_chunk, ctx.first, start, end, full,
+                seen,
             )
             probs = scores.sub_(lse[..., start:end, None]).exp_()  # masked entries -> 0
             grad_b = grad_out[:, :, start:end]
@@ -158,16 +171,17 @@ class _BlockedChunkAttention(torch.autograd.Function):
             grad_v_state.to(v_state.dtype),
             grad_summary_k.to(summary_k.dtype),
             grad_summary_v.to(summary_v.dtype),
-            None, None, None, None,
+            None, None, None, None, None,
         )
 
 
 def _dense_chunk_attention(
-    q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale
+    q, k_state, v_state, query_chunk, summary_k, summary_v, summary_chunk, scale, first=None
 ):
     """The whole (seq x summaries) score matrix at once: the traceable formula for compile."""
     scores = torch.matmul(q, summary_k.transpose(-1, -2)) * scale  # (B, H, T, N)
-    scores = scores.masked_fill(~_earlier(query_chunk, summary_chunk), float("-inf"))
+    hidden = ~_visible(query_chunk, summary_chunk, first)
+    scores = scores.masked_fill(hidden, float("-inf"))
     own = (q * k_state).sum(-1, keepdim=True) * scale  # (B, H, T, 1)
     probs = torch.softmax(torch.cat((scores, own), dim=-1), dim=-1)
     num_summaries = summary_k.shape[-2]

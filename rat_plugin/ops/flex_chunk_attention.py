@@ -23,6 +23,7 @@ def flex_chunk_attention(
     summary_v: torch.Tensor,
     summary_chunk: torch.Tensor,
     scale: float,
+    query_first_chunk: torch.Tensor | None = None,
     flex_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Same contract as ``chunk_attention`` (shapes, chunk-index conventions, output dtype).
@@ -35,7 +36,8 @@ def flex_chunk_attention(
         return v_state.to(q.dtype)
     q_flex, k_flex, v_flex = (t.to(flex_dtype or q.dtype) for t in (q, summary_k, summary_v))
     out, aux = flex(q)(
-        q_flex, k_flex, v_flex, block_mask=chunk_block_mask(query_chunk, summary_chunk),
+        q_flex, k_flex, v_flex,
+        block_mask=chunk_block_mask(query_chunk, summary_chunk, query_first_chunk),
         scale=scale, return_aux=AuxRequest(lse=True),
     )
     out = out.to(q.dtype)

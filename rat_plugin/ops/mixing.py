@@ -25,6 +25,7 @@ def rat_mixing(
     chunk_ids: torch.Tensor | None = None,
     summary_exchange: SummaryExchange | None = None,
     kernels: MixingKernels | None = None,
+    first_chunks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RAT token mixing (docs/design.md section 1, steps 3-5).
 
@@ -35,10 +36,13 @@ def rat_mixing(
     chunk-aligned pieces (context parallel); summary_exchange gathers chunk summaries from the
     other pieces. Both default to one whole sequence starting at position 0.
     kernels: the implementations (docs/design.md, "Kernel matrix"); default ``select_kernels``.
+    first_chunks (batch, seq): for packed documents that start on chunk boundaries, the global
+    chunk each token's document starts in; a token then sees no summary of an earlier document
+    (docs/design.md section 7).
     """
     out, _, _ = rat_mixing_with_states(
-        q, k, v, forget_gate, chunk_size, rope_base,
-        chunk_ids=chunk_ids, summary_exchange=summary_exchange, kernels=kernels,
+        q, k, v, forget_gate, chunk_size, rope_base, chunk_ids=chunk_ids,
+        summary_exchange=summary_exchange, kernels=kernels, first_chunks=first_chunks,
     )
     return out
 
@@ -54,6 +58,7 @@ def rat_mixing_with_states(
     chunk_ids: torch.Tensor | None = None,
     summary_exchange: SummaryExchange | None = None,
     kernels: MixingKernels | None = None,
+    first_chunks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``rat_mixing`` that also returns the running states (kt unrotated, vt) for a decode cache."""
     if chunk_size < 1:
@@ -91,5 +96,6 @@ def rat_mixing_with_states(
         summary_v.transpose(1, 2),
         summary_chunk,
         scale=head_dim**-0.5,
+        query_first_chunk=first_chunks,
     )  # (B, H, T, d)
     return out.transpose(1, 2).to(q.dtype), k_state, v_state
