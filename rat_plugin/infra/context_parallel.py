@@ -189,8 +189,9 @@ class HaloAttention:
     def __init__(self, layout: HaloLayout):
         self.layout = layout
 
-    def __call__(self, q, k, v, positions, window: int) -> torch.Tensor:
-        """q, k (rotated), v: (B, H, T_local, d); positions (T_local,) -> (B, H, T_local, d)."""
+    def __call__(self, q, k, v, positions, window: int, doc_starts=None) -> torch.Tensor:
+        """q, k (rotated), v: (B, H, T_local, d); positions (T_local,); doc_starts (B, T_local)
+        global document starts of packed documents, or None -> (B, H, T_local, d)."""
         layout, head_dim = self.layout, k.shape[-1]
         tails = torch.cat((k, v), dim=-1)[:, :, layout.send].permute(2, 0, 1, 3).contiguous()
         tails = funcol.all_gather_single(tails, 0, layout.cp_mesh).permute(1, 2, 0, 3)
@@ -201,6 +202,8 @@ class HaloAttention:
             values = torch.cat((halo_kv[..., head_dim:], v[:, :, start:end]), dim=2)
             query_pos = positions[start:end].long()[:, None]
             visible = (key_pos <= query_pos) & (key_pos >= query_pos - window)
+            if doc_starts is not None:  # (B, 1, piece, keys): per sequence
+                visible = (visible & (key_pos >= doc_starts[:, start:end, None]))[:, None]
             outs.append(
                 F.scaled_dot_product_attention(q[:, :, start:end], keys, values, attn_mask=visible)
             )

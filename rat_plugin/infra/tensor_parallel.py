@@ -141,10 +141,10 @@ def apply_tp(
         kind = model.args.layer_mixer(int(layer_id))
         plan: dict[str, ParallelStyle] = {
             "mixer_norm": SequenceParallel(),
-            # mixer(u, positions, cache): only u is a DTensor.
+            # mixer(u, positions, cache, doc_starts): only u is a DTensor.
             "mixer": PrepareModuleInput(
-                input_layouts=(Shard(1), None, None),
-                desired_input_layouts=(Replicate(), None, None),
+                input_layouts=(Shard(1), None, None, None),
+                desired_input_layouts=(Replicate(), None, None, None),
             ),
             "mixer.wo": rowwise(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),

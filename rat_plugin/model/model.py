@@ -47,8 +47,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        doc_starts: torch.Tensor | None = None,
+    ):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, doc_starts)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def init_weights(self) -> None:
@@ -92,6 +98,7 @@ class RATModel(nn.Module):
         positions: torch.Tensor | None = None,
         caches: list | None = None,
         logits_at: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (batch, seq) -> logits (batch, seq, vocab).
 
@@ -100,12 +107,19 @@ class RATModel(nn.Module):
         token per sequence.
         logits_at: (batch,) the one position per sequence whose logits are wanted, giving
         (batch, vocab): a long prefill then never builds (batch, seq, vocab) logits.
+        document_starts: (batch, full seq) for packed documents, the global position of each
+        token's document start; every document starts on a chunk boundary (document-aware
+        training, docs/design.md section 7). No token then sees another document. Under context
+        parallel it covers the whole sequence and ``positions`` picks the local tokens.
         """
         if caches is not None and not caches[0].filled:
             self._check_tokens(tokens)
+        doc_starts = None
+        if document_starts is not None:
+            doc_starts = self._local_document_starts(document_starts, positions, caches)
         h = self.tok_embeddings(tokens)
         for i, layer in enumerate(self.layers.values()):
-            h = layer(h, positions, None if caches is None else caches[i])
+            h = layer(h, positions, None if caches is None else caches[i], doc_starts)
         if logits_at is not None:
             h = h[torch.arange(h.shape[0], device=h.device), logits_at]
         return self.output(self.norm(h))
@@ -114,6 +128,23 @@ class RATModel(nn.Module):
         """Empty per-layer decode caches for prompts of the given lengths (batch,), holding up
         to ``max_len`` tokens (prompt plus generated) per sequence."""
         return [layer.mixer.new_cache(lengths, max_len) for layer in self.layers.values()]
+
+    def _local_document_starts(self, document_starts, positions, caches) -> torch.Tensor:
+        """The document starts of this rank's tokens, checked on the device (no host sync)."""
+        if caches is not None:
+            raise ValueError("document_starts is for training forwards, not decoding caches")
+        starts = document_starts.long()
+        if positions is not None:
+            index = positions.long().expand(starts.shape[0], -1)
+            starts = starts.gather(1, index)
+        if not torch.compiler.is_compiling():
+            torch._assert_async(
+                (starts % self.args.chunk_size == 0).all(),
+                f"document_starts: packed documents must start on chunk boundaries (multiples "
+                f"of chunk_size={self.args.chunk_size}); pack them with "
+                "rat_plugin.data.packing",
+            )
+        return starts
 
     def _check_tokens(self, tokens: torch.Tensor) -> None:
         if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.args.vocab_size):

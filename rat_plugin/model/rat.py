@@ -49,6 +49,7 @@ class RAT(nn.Module):
         u: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: RATCache | None = None,
+        doc_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = u.shape
         v = self.wv(u).view(batch, seq_len, -1, self.head_dim)  # (B, T, H, d), H local under TP
@@ -78,9 +79,10 @@ class RAT(nn.Module):
             if positions is not None:
                 chunk_ids = (positions[0] if positions.dim() == 2 else positions).long()
                 chunk_ids = chunk_ids // self.chunk_size
+            first_chunks = None if doc_starts is None else doc_starts // self.chunk_size
             out = rat_mixing(
-                q, k, v, forget_gate, self.chunk_size, self.rope_base,
-                chunk_ids=chunk_ids, summary_exchange=self.summary_exchange, kernels=kernels,
+                q, k, v, forget_gate, self.chunk_size, self.rope_base, chunk_ids=chunk_ids,
+                summary_exchange=self.summary_exchange, kernels=kernels, first_chunks=first_chunks,
             )
         return self.wo(output_gate * out.reshape(batch, seq_len, -1))
 

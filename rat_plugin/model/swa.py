@@ -36,8 +36,9 @@ class SlidingWindowAttention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=False)
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
-        # Set by the context-parallel plan: (q, k, v (B, H, T, d), positions (T,), window) ->
-        # window attention over this rank's pieces plus the halo of tokens held by other ranks.
+        # Set by the context-parallel plan: (q, k, v (B, H, T, d), positions (T,), window,
+        # doc_starts) -> window attention over this rank's pieces plus the halo of tokens held
+        # by other ranks.
         self.halo_attention = None
 
     def init_weights(self, std: float = 0.02) -> None:
@@ -49,6 +50,7 @@ class SlidingWindowAttention(nn.Module):
         u: torch.Tensor,
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        doc_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, seq_len, _ = u.shape
         q = self.wq(u).view(batch, seq_len, -1, self.head_dim)
@@ -79,10 +81,10 @@ class SlidingWindowAttention(nn.Module):
                 cache.fill(k, v)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             if self.halo_attention is not None and cache is None:
-                out = self.halo_attention(q, k, v, token_pos, self.window)
+                out = self.halo_attention(q, k, v, token_pos, self.window, doc_starts)
             else:
                 kernels = select_kernels(u.device, *self.kernel_choice)
-                out = kernels.window_attention(q, k, v, self.window)
+                out = kernels.window_attention(q, k, v, self.window, doc_starts)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
     def new_cache(self, lengths: torch.Tensor, max_len: int) -> KVCache:

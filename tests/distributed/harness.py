@@ -46,6 +46,7 @@ class Case:
     balancer: str | None = "headtail"  # torchtitan's CP load balancer (None: contiguous)
     loss_parallel: bool = True
     no_exchange: bool = False  # negative control: CP ranks keep their own summaries / halos
+    documents: bool = False  # packed documents (document_starts), document-aware masks
 
     @property
     def world_size(self) -> int:
@@ -64,6 +65,8 @@ CASES = {
         Case("tp2xcp2", tp=2, cp=2),
         Case("hsdp2x2", dp_replicate=2, dp_shard=2),
         Case("cp2-headtail-no-exchange", cp=2, no_exchange=True),
+        Case("cp2-headtail-documents", cp=2, documents=True),
+        Case("tp2-documents", tp=2, documents=True),
     )
 }
 KINDS = ("rat", "rat_swa")
@@ -87,10 +90,24 @@ def build_model(kind: str, device: torch.device | str = "cpu", **overrides) -> R
     return model
 
 
+# Packed documents per row (starts, multiples of the chunk size 16): under cp2-headtail (pieces
+# of 16 tokens) documents span ranks, and the SWA halo (24 tokens) crosses document starts.
+DOCUMENTS = ([0, 16, 48], [0, 32], [0, 48], [0, 16, 32, 48])
+
+
 def global_batch(seq_len: int = SEQ_LEN) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1234)
     tokens = torch.randint(0, 256, (GLOBAL_BATCH, seq_len + 1), generator=gen)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def document_starts() -> torch.Tensor:
+    """(GLOBAL_BATCH, SEQ_LEN): the start position of each token's document."""
+    starts = torch.zeros(GLOBAL_BATCH, SEQ_LEN, dtype=torch.long)
+    for row, docs in enumerate(DOCUMENTS):
+        for start in docs:
+            starts[row, start:] = start
+    return starts
 
 
 def _grads(model) -> dict[str, torch.Tensor]:
@@ -104,15 +121,16 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def reference(kind: str) -> dict:
+def reference(kind: str, documents: bool = False) -> dict:
     """The single-process run every case must reproduce."""
     model = build_model(kind)
     optim = torch.optim.AdamW(model.parameters(), lr=LR, eps=EPS)
     inputs, labels = global_batch()
+    kwargs = dict(document_starts=document_starts()) if documents else {}
     losses, grads = [], []
     for step in range(STEPS):
         optim.zero_grad()
-        logits = model(inputs)
+        logits = model(inputs, **kwargs)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
         loss = loss / labels.numel()
         loss.backward()
@@ -165,20 +183,22 @@ def _parallelize(model, dims, case: Case) -> None:
 def _local_batch(dims, case: Case, device, seq_len: int = SEQ_LEN):
     """This rank's rows (batch mesh) and sequence pieces (torchtitan's CP sharding)."""
     inputs, labels = global_batch(seq_len)
+    starts = document_starts()
     batch_mesh = dims.get_optional_mesh("batch")
     if batch_mesh is not None:
         rows = GLOBAL_BATCH // batch_mesh.size()
-        start = batch_mesh.get_local_rank() * rows
-        inputs, labels = inputs[start : start + rows], labels[start : start + rows]
+        first = batch_mesh.get_local_rank() * rows
+        inputs, labels, starts = (t[first : first + rows] for t in (inputs, labels, starts))
     inputs, labels = inputs.to(device), labels.to(device)
-    kwargs = {}
+    # As the trainer passes the dataloader's extra inputs: whole rows, not sharded by CP.
+    kwargs = dict(document_starts=starts.to(device)) if case.documents else {}
     if dims.cp_enabled:
         from torchtitan.distributed.context_parallel import (
             prepare_context_parallel_input,
         )
 
         inputs, labels, kwargs = prepare_context_parallel_input(
-            inputs, labels, {}, dims.get_mesh("cp"), device, case.balancer
+            inputs, labels, kwargs, dims.get_mesh("cp"), device, case.balancer
         )
     return inputs, labels, kwargs
 

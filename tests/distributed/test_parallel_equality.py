@@ -1,4 +1,5 @@
-"""Every parallel plan computes what one process computes: losses and gradients, RAT and RAT-SWA.
+"""Every parallel plan computes what one process computes: losses and gradients, RAT and RAT-SWA,
+also with packed documents (document-aware masks) under CP and TP.
 
 Two launches (2 ranks, 4 ranks) run all cases; each test compares one case with the
 single-process reference (harness.reference): per-step global loss within rel. 1e-5, and the
@@ -12,7 +13,8 @@ from harness import CASES, KINDS, launch, reference
 
 pytestmark = pytest.mark.slow
 
-TWO_RANK = ["fsdp2", "tp2", "cp2-contiguous", "cp2-headtail", "cp2-headtail-no-exchange"]
+TWO_RANK = ["fsdp2", "tp2", "cp2-contiguous", "cp2-headtail", "cp2-headtail-no-exchange",
+            "cp2-headtail-documents", "tp2-documents"]
 FOUR_RANK = ["fsdp2xtp2", "fsdp2xcp2", "tp2xcp2", "hsdp2x2"]
 RUNS = [(n, kind) for n in TWO_RANK + FOUR_RANK if not CASES[n].no_exchange for kind in KINDS]
 
@@ -20,7 +22,8 @@ RUNS = [(n, kind) for n in TWO_RANK + FOUR_RANK if not CASES[n].no_exchange for 
 @pytest.fixture(scope="module")
 def references():
     torch.manual_seed(0)
-    return {kind: reference(kind) for kind in KINDS}
+    return {(kind, documents): reference(kind, documents)
+            for kind in KINDS for documents in (False, True)}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,8 @@ def assert_grads_match(grads: dict, ref: dict, elementwise: bool) -> None:
 
 @pytest.mark.parametrize("name,kind", RUNS, ids=[f"{n}-{k}" for n, k in RUNS])
 def test_matches_single_process(name, kind, request, references):
-    got, ref = _results(request, name)[f"{name}-{kind}"], references[kind]
+    got = _results(request, name)[f"{name}-{kind}"]
+    ref = references[kind, CASES[name].documents]
     assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
     assert ref["losses"][-1] < ref["losses"][0] - 0.1  # the steps really train
     first, last = got["grads"]
@@ -61,7 +65,7 @@ def test_matches_single_process(name, kind, request, references):
 def test_cp_without_exchange_differs(kind, two_ranks, references):
     """Negative control: with the summary / halo exchange removed, CP ranks compute something
     else, so the CP equalities above are not vacuous."""
-    got, ref = two_ranks[f"cp2-headtail-no-exchange-{kind}"], references[kind]
+    got, ref = two_ranks[f"cp2-headtail-no-exchange-{kind}"], references[kind, False]
     assert got["losses"] != pytest.approx(ref["losses"], rel=1e-4)  # 10x the tolerance
     errors = [(got["grads"][0][n] - g).norm() / g.norm() for n, g in ref["grads"][0].items()]
     assert max(errors) > 0.5
@@ -70,7 +74,7 @@ def test_cp_without_exchange_differs(kind, two_ranks, references):
 def test_tp_grouped_qk_gradients_are_summed_over_ranks(two_ranks, references):
     """wq/wk are replicated under TP and each rank's heads give only part of their gradient:
     without the Partial-over-TP sum, a rank would hold its own heads' share only."""
-    got, ref = two_ranks["tp2-rat"]["grads"][0], references["rat"]["grads"][0]
+    got, ref = two_ranks["tp2-rat"]["grads"][0], references["rat", False]["grads"][0]
     names = [n for n in ref if n.endswith(("mixer.wq.weight", "mixer.wk.weight"))]
     assert len(names) == 4
     for n in names:
@@ -87,3 +91,10 @@ def test_misaligned_cp_pieces_are_refused(two_ranks):
     msg = two_ranks["errors"]["cp-misaligned"]
     for part in ("seq_len=96", "cp=2", "chunk_size=16", "64"):
         assert part in msg
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_documents_change_the_computation(kind, references):
+    """The document cases are not the plain ones under another name: masks are active."""
+    plain, documents = references[kind, False], references[kind, True]
+    assert documents["losses"] != pytest.approx(plain["losses"], rel=1e-4)
