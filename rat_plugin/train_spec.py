@@ -16,6 +16,7 @@ import sys
 
 import torch
 from torch import nn
+from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.components.validate import build_validator
@@ -30,6 +31,7 @@ from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.tools.logging import logger
 
 from rat_plugin.data.datasets import PREPARE_HINT, check_dataset_path, register_datasets
+from rat_plugin.data.packing import DocumentPackedDataset
 from rat_plugin.data.tokenizer import (
     TOKENIZER_FILE,
     TokenizerFileError,
@@ -189,9 +191,26 @@ def build_tokenizer(job_config: JobConfig):
 
 
 def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig, **kwargs):
+    """torchtitan's text dataloader, or with ``[rat] document_aware`` the document-aware
+    packing (``rat_plugin.data.packing``)."""
     training = job_config.training
     check_dataset_path(training.dataset, training.dataset_path, "training")
-    return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+    rat = getattr(job_config, "rat", None)
+    if rat is None or not rat.document_aware:
+        return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+    chunk_size = make_args(job_config.model.name, job_config.model.flavor).chunk_size
+    try:
+        dataset = DocumentPackedDataset(
+            training.dataset, training.dataset_path, tokenizer, seq_len=training.seq_len,
+            dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=kwargs.get("infinite", True),
+            chunk_size=chunk_size,
+        )
+    except ValueError as e:
+        raise ConfigError(f"[rat] document_aware: {e}") from None
+    return ParallelAwareDataloader(
+        dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        **{**dataclasses.asdict(training.dataloader), "batch_size": training.local_batch_size},
+    )
 
 
 def build_rat_validator(*, job_config: JobConfig, **kwargs):

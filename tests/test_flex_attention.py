@@ -70,6 +70,40 @@ def test_chunk_block_mask_is_create_block_mask(seq_len, chunk_size):
         assert_same_block_mask(chunk_block_mask(query_chunk, summaries), want)
 
 
+def block_sets(block_mask):
+    """(blocks listed at all, blocks listed as full), dense (B, H, Qb, Kb) booleans."""
+    from torch.nn.attention.flex_attention import _ordered_to_dense
+
+    full = _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+                             block_mask.full_kv_indices.shape[-1]).bool()
+    return block_mask.to_dense().bool(), full
+
+
+def test_document_block_masks_cover_create_block_mask():
+    """With packed documents the masks are per sequence: every block create_block_mask lists is
+    listed, and a block is full only if create_block_mask calls it full."""
+    seq_len, chunk_size = 600, 16
+    starts = torch.zeros(2, seq_len, dtype=torch.long)
+    for row, cuts in enumerate([[64, 160, 400], [16, 32, 320]]):
+        for cut in cuts:
+            starts[row, cut:] = cut
+    query_chunk, summary_chunk = torch.arange(seq_len) // chunk_size, torch.arange(37)
+    first = starts // chunk_size
+    cases = [
+        (chunk_block_mask(query_chunk, summary_chunk, first),
+         lambda b, h, q, kv: (summary_chunk[kv] < query_chunk[q])
+         & (summary_chunk[kv] >= first[b, q]),
+         len(summary_chunk)),
+        (window_block_mask(seq_len, 64, torch.device("cpu"), starts),
+         lambda b, h, q, kv: (kv <= q) & (kv >= q - 64) & (kv >= starts[b, q]), seq_len),
+    ]
+    for mine, mask_mod, keys in cases:
+        want = create_block_mask(mask_mod, 2, None, seq_len, keys, device="cpu")
+        (listed, full), (want_listed, want_full) = block_sets(mine), block_sets(want)
+        assert bool((listed | ~want_listed).all()) and bool((want_full | ~full).all())
+        assert listed.shape[0] == 2  # one mask per sequence
+
+
 @pytest.mark.parametrize("seq_len,window", [(130, 1), (256, 64), (300, 64), (1000, 200), (2048, 1024)])
 def test_window_block_mask_is_create_block_mask(seq_len, window):
     want = create_block_mask(lambda b, h, q, kv: (kv <= q) & (kv >= q - window), None, None,

@@ -4,7 +4,9 @@ seed checkpoint, against the eager portable run of the same model (no compile, n
 kernels, fp32, float8 off) from the same seed. Both shard the model with FSDP2 over the two ranks
 and accumulate two micro-batches per step, so they see the same data.
 
-In fp32 the losses must agree within 1e-4 (measured: 5e-7); the shipped bf16 parameters and
+The recipes pack documents document-aware ([rat] document_aware = true), so the dry runs check
+the document masks in the GPU program too. In fp32 the losses must agree within 1e-4 (measured:
+5e-7); the shipped bf16 parameters and
 float8 track the fp32 run within their rounding. With create_block_mask inside the compiled
 checkpointed blocks (before the BlockMasks came from tensor ops) every dry run crashed at step 1.
 """
@@ -25,6 +27,7 @@ PORTABLE = ("--compile.no-enable", "--activation_checkpoint.mode=none",
             "--rat.scan_kernel=torch", "--rat.attention_kernel=torch")
 GPU_PROGRAM = (
     "RAT kernels: scan=triton (Triton custom op, CPU body), attention=flex (flex_attention)",
+    "Document-aware packing (chunk_size=16)",
     "dry run: auto as on CUDA",
     "Compiling each TransformerBlock",
     "Applied selective activation checkpointing",

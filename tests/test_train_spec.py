@@ -229,6 +229,7 @@ def test_1p3b_configs_follow_the_paper_recipe(config):
     assert c.activation_checkpoint.mode == "selective"
     assert c.model.flavor == "1.3B"
     assert (c.model.converters == ["quantize.linear.float8"]) == ("float8" in config)
+    assert c.rat.document_aware  # trained as decoded: documents never see each other
 
 
 def test_prepare_is_deterministic_and_idempotent(tmp_path, debug_assets):

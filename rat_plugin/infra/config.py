@@ -17,6 +17,10 @@ class RATConfig:
     Triton scan, the portable kernels elsewhere), torch, flex, or flex_bf16 (flex over bf16
     queries and summaries, the merge in fp32; unmeasured). RAT_ATTENTION overrides it."""
 
+    document_aware: bool = False
+    """Pack every document on a chunk boundary and mask across documents, so each packed
+    document is computed as if it were alone (docs/design.md section 7)."""
+
 
 @dataclass
 class JobConfig:
