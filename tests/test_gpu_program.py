@@ -48,7 +48,8 @@ def wrapped(model: RATModel, ac: str, compile: bool = True) -> RATModel:
     """``parallelize_rat`` on one process: AC as configured, then per-block compile."""
     job = JobConfig()
     job.activation_checkpoint.mode, job.activation_checkpoint.selective_ac_option = AC[ac]
-    job.compile.enable, job.compile.backend, job.compile.components = compile, "aot_eager", ["model"]
+    job.compile.enable, job.compile.backend = compile, "aot_eager"
+    job.compile.components = ["model"]
     dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
     return parallelize_rat(model, dims, job)
 

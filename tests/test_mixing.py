@@ -1,4 +1,5 @@
-"""rat_mixing against the per-token loop oracle (docs/design.md section 1), and its defining properties."""
+"""rat_mixing against the per-token loop oracle (docs/design.md section 1), and its defining
+properties."""
 
 import pytest
 import torch

@@ -2,8 +2,8 @@
 
 A model chooses with ``RATModelArgs.scan_kernel`` (auto | torch | triton | triton_autotune)
 and ``attention_kernel`` (auto | torch | flex | flex_bf16); the trainer sets both from ``[rat]``
-in the TOML and logs the result once. The environment variables ``RAT_KERNELS`` and ``RAT_ATTENTION`` override
-the setting when set. ``auto`` means the GPU program on CUDA tensors (the Triton scan custom op
+in the TOML and logs the result once. The environment variables ``RAT_KERNELS`` and
+``RAT_ATTENTION`` override the setting when set. ``auto`` means the GPU program on CUDA tensors (the Triton scan custom op
 and flex_attention) and the portable path elsewhere; an auto attention follows a torch scan.
 ``triton_autotune`` and ``flex_bf16`` are GPU speed choices not yet measured on a GPU: the scan
 with an autotuned block width and warp count, and flex over bf16 queries and summaries with the
