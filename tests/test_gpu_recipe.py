@@ -20,6 +20,7 @@ import pytest
 from conftest import REPO, launch, tb_losses
 
 sys.path.insert(0, str(REPO / "tools"))
+import dry_run  # noqa: E402
 from dry_run import debug_size, dry_run_options  # noqa: E402
 
 STEPS = 4
@@ -109,3 +110,14 @@ def test_gpu_recipe_dry_run_matches_the_eager_portable_run(name, runs):
     assert checkpoints == ["step-2", f"step-{STEPS}"]
     worst = max(abs(got[s] - want[s]) for s in want)
     assert worst <= recipe.tolerance, f"dry run {got} vs eager portable {want}: {worst:.2e}"
+
+
+def test_dry_run_tool_passes_trainer_options_after_a_double_dash(monkeypatch):
+    commands = []
+    monkeypatch.setattr(dry_run.subprocess, "call", lambda cmd: commands.append(cmd) or 0)
+    assert dry_run.main(["train_configs/rat_1p3b.toml", "--fp32", "--dump-folder", "/tmp/d",
+                         "--", "--training.steps=8"]) == 0
+    (cmd,) = commands
+    assert cmd[cmd.index("--job.config_file") + 1] == "train_configs/rat_1p3b.toml"
+    assert cmd[-2:] == ["--job.dump_folder=/tmp/d", "--training.steps=8"]
+    assert set(dry_run_options(fp32=True)) <= set(cmd)

@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks (FSDP over them)")
     parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16")
     parser.add_argument("--dump-folder", default="./outputs/dry_run")
-    parser.add_argument("trainer_options", nargs="*", help="after --: more trainer options")
-    args = parser.parse_args(argv)
+    args, trainer_options = parser.parse_known_args(argv)  # after --: the trainer's options
+    if trainer_options[:1] == ["--"]:
+        trainer_options = trainer_options[1:]
     options = (*dry_run_options(args.fp32), f"--job.dump_folder={args.dump_folder}",
-               *args.trainer_options)
+               *trainer_options)
     cmd = command(args.config, args.nproc, options)
     print(" ".join(cmd), flush=True)
     return subprocess.call(cmd)
