@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
