@@ -8,7 +8,8 @@ model="rat", model_args="pretrained=rat_model", ...)``.
 
 model_args: ``pretrained`` (a folder from tools/convert_checkpoint.py), ``dtype`` (fp32 | bf16 |
 fp16, default: stored), ``add_bos`` (default true), ``max_length`` (default: the training
-length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays).
+length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays); ``device``
+defaults to cuda where there is one, else cpu.
 
 - add_bos: every text is encoded with the tokenizer's BOS first, as torchtitan's dataloader
   starts every training document. ``add_bos=False`` encodes without it, as the RAT paper's
@@ -24,6 +25,8 @@ length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays).
 
 import json
 from collections.abc import Callable, Sequence
+
+import torch
 
 try:
     import lm_eval.models  # noqa: F401  (lm_eval's own models stay registered beside ours)
@@ -75,7 +78,7 @@ class RATHarnessModel(TemplateLM):
         if not isinstance(add_bos, bool):
             raise ValueError(f"add_bos={add_bos!r}: give True or False")
         self.batch_size = _batch_size(batch_size)
-        self._device = resolve_device(device or "cpu")
+        self._device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load(pretrained, device=self._device, dtype=dtype)
         self.tokenizer = load_tokenizer(pretrained)
         self.bos_id, self.eos_id = special_token_ids(pretrained, self.tokenizer)
