@@ -19,7 +19,6 @@ from torch import nn
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.tokenizer import build_hf_tokenizer
-from torchtitan.components.validate import build_validator
 from torchtitan.config import JobConfig
 from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 from torchtitan.protocols.model import BaseModelArgs
@@ -45,6 +44,7 @@ from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
 from rat_plugin.infra.job import check_model_name, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
 from rat_plugin.infra.resume import check_resume
+from rat_plugin.infra.validate import RATValidator
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
 from rat_plugin.ops.dispatch import ATTENTION_ENV, KERNELS_ENV, select_kernels
@@ -216,7 +216,7 @@ def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig
 def build_rat_validator(*, job_config: JobConfig, **kwargs):
     validation = job_config.validation
     check_dataset_path(validation.dataset, validation.dataset_path, "validation")
-    return build_validator(job_config=job_config, **kwargs)
+    return RATValidator(job_config=job_config, **kwargs)
 
 
 class Float8NameError:

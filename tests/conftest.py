@@ -109,14 +109,15 @@ def seed_checkpoint(tmp_path_factory) -> SeedCheckpoints:
     return SeedCheckpoints(tmp_path_factory.mktemp("seeds"))
 
 
-def tb_losses(dump_folder: Path) -> dict[int, float]:
-    """step -> global average loss from the run's TensorBoard event files."""
+def tb_losses(dump_folder: Path, tag: str = "loss_metrics/global_avg_loss") -> dict[int, float]:
+    """step -> global average loss (or another scalar ``tag``, e.g. "validation_metrics/loss")
+    from the run's TensorBoard event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     losses = {}
     for path in sorted(glob.glob(f"{dump_folder}/tb/**/events.out.tfevents.*", recursive=True)):
         events = EventAccumulator(path)
         events.Reload()
-        for event in events.Scalars("loss_metrics/global_avg_loss"):
-            losses[event.step] = event.value
+        if tag in events.Tags()["scalars"]:
+            losses.update({event.step: event.value for event in events.Scalars(tag)})
     return losses

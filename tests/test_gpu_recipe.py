@@ -110,6 +110,12 @@ def test_gpu_recipe_dry_run_matches_the_eager_portable_run(name, runs):
     assert checkpoints == ["step-2", f"step-{STEPS}"]
     worst = max(abs(got[s] - want[s]) for s in want)
     assert worst <= recipe.tolerance, f"dry run {got} vs eager portable {want}: {worst:.2e}"
+    # The held-out loss at steps 1 and 4: the GPU program validates (compiled, under no_grad).
+    got, want = (tb_losses(runs.root / run, "validation_metrics/loss")
+                 for run in (name, f"portable-{recipe.portable_config}"))
+    assert sorted(got) == sorted(want) == [1, STEPS]
+    worst = max(abs(got[s] - want[s]) for s in want)
+    assert worst <= recipe.tolerance, f"validation {got} vs eager portable {want}: {worst:.2e}"
 
 
 def test_dry_run_tool_passes_trainer_options_after_a_double_dash(monkeypatch):

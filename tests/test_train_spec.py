@@ -237,7 +237,8 @@ def test_prepare_is_deterministic_and_idempotent(tmp_path, debug_assets):
 
     assert prepare(tmp_path) is True
     assert prepare(tmp_path) is False
-    for rel in ("data/rat_debug/train.jsonl", "tokenizer/tokenizer.json"):
+    for rel in ("data/rat_debug/train.jsonl", "data/rat_debug/validation.jsonl",
+                "tokenizer/tokenizer.json"):
         assert (tmp_path / rel).read_bytes() == (debug_assets / rel).read_bytes()
     config = json.loads((tmp_path / "tokenizer/tokenizer_config.json").read_text())
     assert config["bos_token"] and config["eos_token"]

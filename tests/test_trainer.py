@@ -10,7 +10,7 @@ from conftest import launch, tb_losses
 
 STEPS, SAVE_AT = 20, 16
 FAST = ("--training.local_batch_size=4",)  # the shipped configs, half the batch: quicker
-LOSS_LINE = re.compile(r"step:\s*(\d+)\s+loss:\s*([0-9.]+)")
+LOSS_LINE = re.compile(r"(?<!validate )step:\s*(\d+)\s+loss:\s*([0-9.]+)")  # not validation
 
 
 def logged_losses(output: str) -> dict[int, float]:

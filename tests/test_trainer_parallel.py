@@ -1,6 +1,7 @@
 """Parallel plans, compile and activation checkpointing through torchtitan's own trainer
 (``torchrun -m torchtitan.train``): each run starts from one seed checkpoint and must log the same
-per-step losses as one process running none of them, within 1e-4.
+per-step losses, and the same validation losses, as one process running none of them, within
+1e-4.
 
 Sharded runs draw a different random init, so every run loads the session's seed checkpoint
 (conftest ``seed_checkpoint``). TP and CP keep data parallelism at 1, so every run reads the
@@ -28,7 +29,13 @@ STEPS = 4
 TOLERANCE = 1e-4
 FLOAT8_TOLERANCE = 3e-2
 # seq_len 128: CP 2 (headtail) cuts it into 4 pieces of 32 tokens, i.e. 2 whole chunks each.
-SHAPE = ("--training.local_batch_size=2", "--training.seq_len=128", "--metrics.log_freq=1")
+SHAPE = ("--training.local_batch_size=2", "--training.seq_len=128", "--metrics.log_freq=1",
+         "--validation.local_batch_size=2", "--validation.seq_len=128", "--validation.steps=2",
+         f"--validation.freq={STEPS}")
+# Training losses per step, and the held-out loss at steps 1 and STEPS (the debug configs
+# validate; tests/test_validation.py checks the validator itself).
+TAGS = {"training": "loss_metrics/global_avg_loss", "validation": "validation_metrics/loss"}
+LOGGED_STEPS = {"training": list(range(1, STEPS + 1)), "validation": [1, STEPS]}
 
 TP2, CP2 = "--parallelism.tensor_parallel_degree=2", "--parallelism.context_parallel_degree=2"
 # compile uses aot_eager: the same dynamo trace (fullgraph) and autograd graph as inductor, without
@@ -88,11 +95,12 @@ class Runs:
     def __init__(self, root: Path, seed: SeedCheckpoints):
         self.root = root
         self.seed = seed
-        self._references: dict[str, dict[int, float]] = {}
+        self._references: dict[str, dict[str, dict[int, float]]] = {}
 
     def losses(self, name: str, config: str, *options: str, nproc: int = 1,
-               expect: tuple[str, ...] = ()) -> dict[int, float]:
-        """Per-step global losses (TensorBoard, full precision) of a run from the seed."""
+               expect: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
+        """Per-step global training and validation losses (TensorBoard, full precision) of a
+        run from the seed."""
         dump = self.root / name
         seed = self.seed(config)
         run = launch(config, dump, *SHAPE, f"--training.steps={STEPS}",
@@ -103,14 +111,16 @@ class Runs:
         assert f"Loading the checkpoint from {seed}" in run.stdout
         for line in expect:
             assert line in run.stdout, f"{line!r} not in the log of {name}"
-        losses = tb_losses(dump)
-        assert sorted(losses) == list(range(1, STEPS + 1))
+        losses = {kind: tb_losses(dump, tag) for kind, tag in TAGS.items()}
+        assert {kind: sorted(steps) for kind, steps in losses.items()} == LOGGED_STEPS
         return losses
 
-    def reference(self, config: str) -> dict[int, float]:
+    def reference(self, config: str) -> dict[str, dict[int, float]]:
         if config not in self._references:
             losses = self.losses(f"one-{config}", config, expect=("cp=1, tp=1",))
-            assert losses[STEPS] < losses[1] - 0.5, losses  # the steps really train
+            train, held_out = losses["training"], losses["validation"]
+            assert train[STEPS] < train[1] - 0.5, losses  # the steps really train
+            assert held_out[STEPS] < held_out[1] - 0.3, losses  # and it shows on held-out data
             self._references[config] = losses
         return self._references[config]
 
@@ -123,8 +133,11 @@ def runs(tmp_path_factory, seed_checkpoint) -> Runs:
 def assert_same_losses(name: str, case: Case, runs: Runs) -> None:
     want = runs.reference(case.config)
     got = runs.losses(name, case.config, *case.options, nproc=case.nproc, expect=case.expect)
-    worst = max(abs(got[s] - want[s]) for s in want)
-    assert worst <= case.tolerance, f"losses {got} vs one process {want}: differ by {worst:.2e}"
+    for kind in TAGS:
+        worst = max(abs(got[kind][s] - want[kind][s]) for s in want[kind])
+        assert worst <= case.tolerance, (
+            f"{kind} losses {got[kind]} vs one process {want[kind]}: differ by {worst:.2e}"
+        )
 
 
 @pytest.mark.slow

@@ -7,8 +7,10 @@ The config runs through torchtitan's own trainer (torchrun, gloo) with everythin
 optimizer, schedule, FSDP2, selective op activation checkpointing, per-block
 ``torch.compile(fullgraph=True)``, float8, checkpointing, bf16 parameters. Only these change:
 - size: the debugmodel flavor, seq_len 256, 2 sequences per rank and micro-batch, a global batch
-  of 8 (gradient accumulation), 4 steps (warm-up 1), a checkpoint every 2 steps, loss every step;
-- data: the generated debug corpus and tokenizer (``python -m rat_plugin.data.prepare``);
+  of 8 (gradient accumulation), 4 steps (warm-up 1), a checkpoint every 2 steps, loss every step,
+  validation (one batch per rank) at steps 1 and 4;
+- data: the generated debug corpus, its validation split and tokenizer
+  (``python -m rat_plugin.data.prepare``);
 - what a CPU cannot run: the compile backend is ``aot_eager`` (dynamo's fullgraph trace and the
   AOTAutograd joint graph, without inductor's codegen), and the plugin is loaded through
   ``rat_plugin.infra.dry_run``, which resolves the kernels as on CUDA (the Triton scan custom op,
@@ -30,11 +32,17 @@ SIZE = (
     "--lr_scheduler.warmup_steps=1",
     "--checkpoint.interval=2",
     "--metrics.log_freq=1",
+    "--validation.seq_len=256",
+    "--validation.local_batch_size=2",
+    "--validation.steps=1",
+    "--validation.freq=4",
 )
 LOCAL_DATA = (
     "--model.hf_assets_path=./assets/tokenizer",
     "--training.dataset=rat_debug",
     "--training.dataset_path=./assets/data/rat_debug",
+    "--validation.dataset=rat_debug_validation",
+    "--validation.dataset_path=./assets/data/rat_debug",
 )
 ON_CPU = ("--experimental.custom_import=rat_plugin.infra.dry_run", "--compile.backend=aot_eager")
 FP32 = ("--training.mixed_precision_param=float32",)

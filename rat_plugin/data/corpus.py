@@ -73,7 +73,20 @@ def _story(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def generate(num_docs: int, seed: int) -> list[str]:
-    """``num_docs`` stories, identical for identical (num_docs, seed)."""
+def generate_splits(
+    train_docs: int, validation_docs: int, seed: int
+) -> tuple[list[str], list[str]]:
+    """(train, validation) stories from one seeded stream, identical for identical arguments.
+
+    The validation split continues the training split's stream (the same grammar and
+    distribution), skipping any story the training split already holds: the two are disjoint.
+    """
     rng = random.Random(seed)
-    return [_story(rng) for _ in range(num_docs)]
+    train = [_story(rng) for _ in range(train_docs)]
+    seen, validation = set(train), []
+    while len(validation) < validation_docs:
+        story = _story(rng)
+        if story not in seen:
+            seen.add(story)
+            validation.append(story)
+    return train, validation

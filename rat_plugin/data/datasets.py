@@ -5,6 +5,8 @@
   the dataloader's checkpointed position is exact and nothing touches the network.
 - ``fineweb_edu``: a local copy of HuggingFaceFW/fineweb-edu (parquet files), streamed; the
   folder is ``[training] dataset_path``.
+- ``fineweb_edu_validation``: the same from ``[validation] dataset_path``, a folder holding
+  FineWeb-Edu parquet files held out of the training folder.
 """
 
 import json
@@ -46,6 +48,9 @@ LOCAL_DATASETS = {
                              "validation.jsonl", PREPARE_HINT),
     "fineweb_edu": (DatasetConfig("", _load_parquet_folder, _text), "",
                     "download HuggingFaceFW/fineweb-edu (see README, 'Training the 1.3B model')"),
+    "fineweb_edu_validation": (DatasetConfig("", _load_parquet_folder, _text), "",
+                               "move a FineWeb-Edu parquet file out of the training folder into "
+                               "it (see README, 'Evaluating a model')"),
 }
 
 

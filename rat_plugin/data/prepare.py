@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rat_plugin.data.corpus import generate
+from rat_plugin.data.corpus import generate_splits
 
 VERSION = 1
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -60,8 +60,9 @@ def prepare(root: Path) -> bool:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     tok_dir.mkdir(parents=True, exist_ok=True)
-    texts = generate(SETTINGS["train_docs"] + SETTINGS["validation_docs"], SETTINGS["seed"])
-    train, validation = texts[: SETTINGS["train_docs"]], texts[SETTINGS["train_docs"]:]
+    train, validation = generate_splits(
+        SETTINGS["train_docs"], SETTINGS["validation_docs"], SETTINGS["seed"]
+    )
     _write_jsonl(data_dir / "train.jsonl", train)
     _write_jsonl(data_dir / "validation.jsonl", validation)
     (data_dir / "LICENCE.txt").write_text(LICENCE)

@@ -1,0 +1,190 @@
+"""lm-evaluation-harness on an exported model folder: the model ``rat``.
+
+    python -m rat_plugin.eval --model rat --model_args pretrained=rat_model,add_bos=False \\
+        --tasks hellaswag,arc_easy --batch_size 16 --device cuda
+
+or in Python: ``import rat_plugin.eval.harness`` registers it for ``lm_eval.simple_evaluate(
+model="rat", model_args="pretrained=rat_model", ...)``.
+
+model_args: ``pretrained`` (a folder from tools/convert_checkpoint.py), ``dtype`` (fp32 | bf16 |
+fp16, default: stored), ``add_bos`` (default true), ``max_length`` (default: the training
+length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays); ``device``
+defaults to cuda where there is one, else cpu.
+
+- add_bos: every text is encoded with the tokenizer's BOS first, as torchtitan's dataloader
+  starts every training document. ``add_bos=False`` encodes without it, as the RAT paper's
+  harness wrapper does (an empty context is then EOS, lm_eval's default prefix).
+- loglikelihood: one forward per batch of ``batch_size`` requests, right-padded, longest first;
+  context and continuation are cut to the last ``max_length + 1`` tokens, as lm_eval's HF model
+  does.
+- loglikelihood_rolling: the document in lm_eval's rolling windows of ``max_length`` tokens.
+- generate_until: ``rat_plugin.generate.generate`` (one prefill, then one cached decode step per
+  token), stopping at EOS and at any stop string that is a single token; the text is cut at
+  the first stop string.
+"""
+
+import json
+from collections.abc import Callable, Sequence
+
+import torch
+
+try:
+    import lm_eval.models  # noqa: F401  (lm_eval's own models stay registered beside ours)
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError:
+    raise ImportError(
+        "lm-evaluation-harness is not installed: pip install -e '.[eval]'"
+    ) from None
+
+from rat_plugin.eval.scoring import continuation_logprobs
+from rat_plugin.generate import generate, load, load_tokenizer
+from rat_plugin.generate.arguments import resolve_device
+from rat_plugin.generate.loading import special_token_ids
+
+GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
+
+
+def _batch_size(value) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"batch_size={value!r}: give a whole number >= 1 (no 'auto' for rat)")
+    return value
+
+
+def _batches(order: list[int], size: int):
+    for start in range(0, len(order), size):
+        yield order[start: start + size]
+
+
+@register_model("rat")
+class RATHarnessModel(TemplateLM):
+    """lm_eval's LM interface over ``rat_plugin.generate.load`` and ``generate``."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,  # for batch_size "auto", which rat does not take
+        add_bos: bool = True,
+        max_length: int | None = None,
+        cuda_graph: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(add_bos, bool):
+            raise ValueError(f"add_bos={add_bos!r}: give True or False")
+        self.batch_size = _batch_size(batch_size)
+        self._device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load(pretrained, device=self._device, dtype=dtype)
+        self.tokenizer = load_tokenizer(pretrained)
+        self.bos_id, self.eos_id = special_token_ids(pretrained, self.tokenizer)
+        if self.eos_id is None:
+            raise ValueError(f"{pretrained}/tokenizer_config.json names no eos_token: add it")
+        self.add_bos = add_bos and self.bos_id is not None
+        self._max_length = max_length or self.model.args.max_seq_len
+        self.cuda_graph = cuda_graph
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.bos_id if self.add_bos else self.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
+        ids = self.tokenizer.encode(string, add_special_tokens=False).ids
+        add = self.add_bos if add_special_tokens is None else add_special_tokens and self.add_bos
+        return [self.bos_id, *ids] if add else ids
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    def _score(self, sequences: list[list[int]], lengths: list[int]) -> list[tuple[float, bool]]:
+        """continuation_logprobs in batches of ``batch_size``, longest first."""
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        results: list = [None] * len(sequences)
+        for batch in _batches(order, self.batch_size):
+            scores = continuation_logprobs(
+                self.model, [sequences[i] for i in batch], [lengths[i] for i in batch]
+            )
+            for i, score in zip(batch, scores):
+                results[i] = score
+        return results
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        sequences = [(context + continuation)[-(self.max_length + 1):]
+                     for _, context, continuation in requests]
+        lengths = [min(len(continuation), len(sequence) - 1)
+                   for (_, _, continuation), sequence in zip(requests, sequences)]
+        results = self._score(sequences, lengths)
+        for (request, _, _), result in zip(requests, results):
+            if request is not None:
+                self.cache_hook.add_partial("loglikelihood", request, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        documents, sequences, lengths = [], [], []
+        for index, request in enumerate(requests):
+            tokens = self.tok_encode(request.args[0], add_special_tokens=False)
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    tokens, self.prefix_token_id, self.max_length, context_len=1)):
+                documents.append(index)
+                sequences.append(context + continuation)
+                lengths.append(len(continuation))
+        totals = [0.0] * len(requests)
+        for index, (logprob, _) in zip(documents, self._score(sequences, lengths)):
+            totals[index] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", (request.args[0],), total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1], sort_keys=True), []).append(index)
+        results: list = [None] * len(requests)
+        for indices in groups.values():
+            options = requests[indices[0]].args[1]
+            unknown = sorted(set(options) - GEN_KWARGS)
+            if unknown:
+                raise ValueError(f"gen_kwargs {unknown} are not supported by rat: use "
+                                 f"{sorted(GEN_KWARGS)}")
+            until = options.get("until") or [self.tok_decode([self.eos_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            sample = options.get("do_sample", False) and options.get("temperature", 1.0) > 0
+            decode = self._generator(until, options, sample)
+            for batch in _batches(indices, self.batch_size):
+                texts = decode([self.tok_encode(requests[i].args[0]) for i in batch])
+                for i, text in zip(batch, texts):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
+
+    def _generator(self, until: list[str], options: dict,
+                   sample: bool) -> Callable[[list[list[int]]], list[str]]:
+        single_tokens = [ids[0] for ids in (self.tok_encode(s, add_special_tokens=False)
+                                            for s in until) if len(ids) == 1]
+        stop = {self.eos_id, *single_tokens}
+
+        def decode(prompts: list[list[int]]) -> list[str]:
+            result = generate(
+                self.model, prompts, options.get("max_gen_toks", 256),
+                temperature=options.get("temperature", 1.0) if sample else 0.0,
+                top_k=options.get("top_k") if sample else None,
+                top_p=options.get("top_p") if sample else None,
+                stop_tokens=stop, cuda_graph=self.cuda_graph,
+            )
+            texts = [self.tok_decode([t for t in tokens if t != self.eos_id])
+                     for tokens in result.tokens]
+            return [min((text.split(s)[0] for s in until), key=len) for text in texts]
+
+        return decode
