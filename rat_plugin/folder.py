@@ -147,3 +147,21 @@ def weight_problem(state: dict[str, torch.Tensor]) -> str | None:
                 f"within +-{MAX_ABS_WEIGHT:g})"
             )
     return None
+
+
+# Hugging Face layout (rat_plugin.hf's RATForCausalLM and the trainer's HF checkpoints): the
+# RATModel is the wrapper's ``model``, so every name gets this prefix; the tied head is stored
+# once, as the embedding.
+HF_PREFIX = "model."
+
+
+def to_hf_names(state: dict) -> dict:
+    return {HF_PREFIX + k: v for k, v in state.items() if k != TIED_HEAD}
+
+
+def from_hf_names(hf_state: dict) -> dict:
+    """RATModel names (the tied head included, as torchtitan's model state has it)."""
+    state = {k.removeprefix(HF_PREFIX): v for k, v in hf_state.items()}
+    if EMBEDDING in state:
+        state[TIED_HEAD] = state[EMBEDDING]
+    return state

@@ -5,10 +5,12 @@ checkpoint of the paper's code.
         --config train_configs/rat_debug.toml --tokenizer assets/tokenizer [--dtype bf16] [--force]
     python tools/convert_checkpoint.py rat_model seed_ckpt --to-dcp [--force]
     python tools/convert_checkpoint.py paper_run/1000.pth rat_model --from-paper [--to-dcp]
+    python tools/convert_checkpoint.py rat_model rat_hf --to-hf    # needs the hf extra
 
 The standalone folder (model.safetensors, config.json, tokenizer) is what
 ``python -m rat_plugin.generate --model rat_model`` loads. ``--to-dcp`` writes a model-only DCP
-checkpoint for ``checkpoint.initial_load_path``.
+checkpoint for ``checkpoint.initial_load_path``; ``--to-hf`` a folder that transformers'
+``AutoModelForCausalLM.from_pretrained`` loads after ``import rat_plugin.hf``.
 """
 
 import argparse
@@ -33,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--from-paper a .pth file of the paper's code)")
     parser.add_argument("out", help="output folder (written atomically)")
     parser.add_argument("--to-dcp", action="store_true", help="write a model-only DCP checkpoint")
+    parser.add_argument("--to-hf", action="store_true",
+                        help="standalone folder -> Hugging Face transformers folder")
     parser.add_argument("--from-paper", action="store_true",
                         help="src is a torch.save checkpoint of the paper's code (CLAIRE-Labo/RAT)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: the source's dtype")
@@ -47,11 +51,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def to_hf(args: argparse.Namespace) -> None:
+    if args.to_dcp or args.dtype or args.from_paper:
+        raise ConversionError(
+            "--to-hf exports a standalone folder as it is: drop --to-dcp, --dtype and "
+            "--from-paper (import a paper checkpoint to a folder first)"
+        )
+    try:
+        from rat_plugin.hf.export import folder_to_hf
+    except ImportError as err:  # transformers missing: the message names the extra
+        raise ConversionError(str(err)) from None
+
+    folder_to_hf(args.src, args.out, args.force)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dtype = DTYPES[args.dtype] if args.dtype else None
     try:
-        if args.from_paper:
+        if args.to_hf:
+            to_hf(args)
+        elif args.from_paper:
             spec = spec_from_config(None, args.model_name, args.flavor)
             if args.to_dcp:
                 paper_to_dcp(args.src, args.out, spec, dtype, args.force)
