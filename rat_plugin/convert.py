@@ -6,7 +6,6 @@ when given, the tokenizer files. Reading a DCP checkpoint needs no process group
 torchtitan: only the model entries are loaded, optimizer and trainer states are skipped.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -22,20 +21,24 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from rat_plugin.atomic import atomic_dir
-from rat_plugin.generate.arguments import DTYPES
-from rat_plugin.generate.loading import (
+from rat_plugin.folder import (
     CONFIG_FILE,
     CONFIG_RECORD,
+    EMBEDDING,
     TIED_HEAD,
+    TOKENIZER_FILES,
     WEIGHTS_FILE,
     ModelFolderError,
     config_record,
+    dtype_name,
+    folder_config,
+    listing,
     read_config,
+    shape_problems,
     weight_problem,
 )
-from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModel, RATModelArgs, make_args
+from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MODEL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")
 # Top-level entries of a full torchtitan checkpoint besides the (flattened) model.
 TRAINER_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -53,16 +56,6 @@ class ModelSpec:
     flavor: str | None
     args: RATModelArgs
     source: str  # "config <path>", "command line" or "checkpoint shapes"
-
-
-def _listing(keys, limit: int = 12) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
 # ----------------------------------------------------------------------------- DCP reading
@@ -97,44 +90,23 @@ def read_dcp_shapes(step_dir: str | os.PathLike) -> dict[str, TensorStorageMetad
     if unknown:
         raise ConversionError(
             f"{path} has entries that are neither RAT model weights nor torchtitan trainer "
-            f"states: {_listing(unknown)}; is this a checkpoint of another model?"
+            f"states: {listing(unknown)}; is this a checkpoint of another model?"
         )
     if not model:
-        raise ConversionError(f"{path} holds no model weights (keys: {_listing(entries)})")
+        raise ConversionError(f"{path} holds no model weights (keys: {listing(entries)})")
     bad = [k for k, v in model.items() if not isinstance(v, TensorStorageMetadata)]
     if bad:
-        raise ConversionError(f"{path}: model entries that are not tensors: {_listing(bad)}")
+        raise ConversionError(f"{path}: model entries that are not tensors: {listing(bad)}")
     return model
-
-
-def expected_shapes(args: RATModelArgs) -> dict[str, torch.Size]:
-    """Parameter name -> shape of the model ``args`` describe (built on the meta device)."""
-    with torch.device("meta"):
-        model = RATModel(args)
-    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def check_shapes(args: RATModelArgs, shapes: dict[str, torch.Size], where: str) -> None:
     """Raise a ConversionError listing missing, unknown and mis-shaped weights."""
-    expected = expected_shapes(args)
-    missing = [k for k in expected if k not in shapes and k != TIED_HEAD]
-    unknown = [k for k in shapes if k not in expected]
-    wrong = [
-        f"{k} {tuple(shapes[k])} != {tuple(v)}"
-        for k, v in expected.items()
-        if k in shapes and tuple(shapes[k]) != tuple(v)
-    ]
-    problems = []
-    if unknown:
-        problems.append(f"unknown keys: {_listing(unknown)}")
-    if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
-    if wrong:
-        problems.append(f"shape mismatches (checkpoint != model): {_listing(wrong, 6)}")
+    problems = shape_problems(args, shapes)
     if problems:
         raise ConversionError(
-            f"{where} does not match the model {args}: " + "; ".join(problems)
-            + ". Check --config / --model-name / --flavor"
+            f"{where} does not match the model {args}: {problems}. "
+            "Check --config / --model-name / --flavor"
         )
 
 
@@ -242,20 +214,25 @@ def tokenizer_from_config(toml_path: str | os.PathLike, log=print) -> str | None
     return None
 
 
+def fitting_models(
+    shapes: dict[str, torch.Size], kinds=tuple(MODEL_KINDS)
+) -> list[tuple[str, str, RATModelArgs]]:
+    """Every (kind, flavor, args) among ``kinds`` whose weights have exactly these shapes."""
+    fits = []
+    for kind in kinds:
+        for flavor in FLAVORS:
+            args = make_args(kind, flavor)
+            if shape_problems(args, shapes) is None:
+                fits.append((kind, flavor, args))
+    return fits
+
+
 def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
     """Infer kind and flavor from weight shapes; raise unless exactly one (kind, flavor) fits.
 
     Chunk size, window and RoPE base leave no trace in the shapes: they are the flavor's.
     """
-    fits = []
-    for kind in MODEL_KINDS:
-        for flavor in FLAVORS:
-            args = make_args(kind, flavor)
-            expected = expected_shapes(args)
-            if all(
-                k in expected and tuple(v) == tuple(expected[k]) for k, v in shapes.items()
-            ) and all(k in shapes for k in expected if k != TIED_HEAD):
-                fits.append((kind, flavor, args))
+    fits = fitting_models(shapes)
     if len(fits) != 1:
         found = ", ".join(f"{k}/{f}" for k, f, _ in fits) or "none"
         raise ConversionError(
@@ -308,16 +285,6 @@ def is_model_only_dcp(folder: Path) -> bool:
     return all(k.startswith(MODEL_PREFIXES) for k in entries)
 
 
-def model_config(kind: str, flavor: str | None, args: RATModelArgs, dtype: torch.dtype) -> dict:
-    """The contents of config.json."""
-    return {
-        "model_kind": kind,
-        "flavor": flavor,
-        "dtype": dtype_name(dtype),
-        "args": dataclasses.asdict(args),
-    }
-
-
 @contextmanager
 def output_folder(out: Path, force: bool, log) -> Iterator[Path]:
     """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line."""
@@ -355,8 +322,6 @@ def dcp_to_standalone(
     log=print,
 ) -> ModelSpec:
     """Export a torchtitan DCP step folder to ``out_dir`` (atomically). Returns what was learnt."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     check_output(step_dir, out, force, "source checkpoint", is_model_folder)
     names = read_dcp_shapes(step_dir)
@@ -367,13 +332,30 @@ def dcp_to_standalone(
     state = load_dcp_model(step_dir, names)
     refuse_bad_weights(state, step_dir)
     head = state.pop(TIED_HEAD, None)
-    if head is not None and not torch.equal(head, state["tok_embeddings.weight"]):
+    if head is not None and not torch.equal(head, state[EMBEDDING]):
         raise ConversionError(
             f"{step_dir}: output.weight differs from tok_embeddings.weight, but RAT models tie them"
         )
-    dtype = dtype or state["tok_embeddings.weight"].dtype
+    write_folder(state, spec, out, dtype, force, tokenizer_dir, log=log)
+    return spec
+
+
+def write_folder(
+    state: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    out: Path,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    add_bos: bool = True,
+    log=print,
+) -> None:
+    """Write checked weights (the tied head dropped) as a standalone folder, atomically."""
+    from safetensors.torch import save_file
+
+    dtype = dtype or state[EMBEDDING].dtype
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    config = model_config(spec.kind, spec.flavor, spec.args, dtype)
+    config = folder_config(spec.kind, spec.flavor, spec.args, dtype, add_bos)
     metadata = {"format": "pt", CONFIG_RECORD: config_record(config)}
     with output_folder(out, force, log) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
@@ -382,7 +364,6 @@ def dcp_to_standalone(
             log(f"tokenizer: copied {', '.join(copy_tokenizer(tokenizer_dir, tmp))}")
     nparams = sum(v.numel() for v in state.values())
     log(f"wrote {out} ({nparams:,} parameters, {dtype_name(dtype)})")
-    return spec
 
 
 def standalone_to_dcp(
@@ -411,9 +392,21 @@ def standalone_to_dcp(
     state = load_file(str(weights))
     check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
     refuse_bad_weights(state, weights)
+    write_dcp_seed(state, out, dtype, force, config.get("model_kind"), log)
+
+
+def write_dcp_seed(
+    state: dict[str, torch.Tensor],
+    out: Path,
+    dtype: torch.dtype | None,
+    force: bool,
+    kind: str | None,
+    log=print,
+) -> None:
+    """Write checked weights as a model-only DCP checkpoint (fp32 unless ``dtype``), atomically."""
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
-    state[TIED_HEAD] = state["tok_embeddings.weight"]  # torchtitan saves both names
+    state[TIED_HEAD] = state[EMBEDDING]  # torchtitan saves both names
     with output_folder(out, force, log) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
-    log(f"wrote DCP checkpoint {out} (kind={config.get('model_kind')}, {dtype_name(dtype)})")
+    log(f"wrote DCP checkpoint {out} (kind={kind}, {dtype_name(dtype)})")

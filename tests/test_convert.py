@@ -7,6 +7,7 @@ tests/test_roundtrip_trainer.py converts checkpoints of the real trainer.
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -232,6 +233,25 @@ def test_standalone_back_to_dcp_seeds_a_model(tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ConversionError, match="does not exist"):
         standalone_to_dcp(tmp_path / "missing", tmp_path / "x", **quiet)
+
+
+def test_converter_and_loader_share_the_shape_check(tmp_path, small_model_dir):
+    """A folder whose config.json no longer fits its weights: the loader and the reverse
+    converter report the same problems (rat_plugin/folder.py describes the format once)."""
+    from folder_edits import edit_config
+
+    from rat_plugin.generate import ModelFolderError, load
+
+    folder = tmp_path / "model"
+    shutil.copytree(small_model_dir, folder)
+    edit_config(ffn_hidden_dim=96)(folder)
+    problem = "shape mismatches (weights != model): layers.0.feed_forward.w1.weight (128, 64) != "
+    with pytest.raises(ModelFolderError) as loaded:
+        load(folder)
+    with pytest.raises(ConversionError) as converted:
+        standalone_to_dcp(folder, tmp_path / "seed", **quiet)
+    for err in (loaded, converted):
+        assert problem + "(96, 64)" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_untied_head_is_refused(tmp_path):

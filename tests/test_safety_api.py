@@ -40,6 +40,8 @@ LOAD_CASES = {
                                 r"config.json is invalid \(n_heads=4.0 must be an integer\)"),
     "string-rope-base-in-config": (edit_config(rope_base="1e4"), {}, ModelFolderError,
                                    r"\(rope_base='1e4' must be a positive finite number\)"),
+    "add-bos-not-a-bool": (write("config.json", '{"args": {}, "add_bos": "no"}'), {},
+                           ModelFolderError, r"\(add_bos='no' must be true or false\)"),
     # On a machine without CUDA (simulated), not "convert the checkpoint again".
     "cuda-without-cuda": (None, dict(device="cuda"), ValueError,
                           r"^device='cuda': CUDA is not available on this machine: use cpu$"),

@@ -82,6 +82,13 @@ def model_only(step):
     return lambda folder: save_step(folder, step, full=False)
 
 
+def saved_in_hf(step):  # what last_save_in_hf writes (torchtitan finds it by the index file)
+    def make(folder: Path) -> None:
+        (folder / f"step-{step}").mkdir()
+        (folder / f"step-{step}" / "model.safetensors.index.json").write_text("{}")
+    return make
+
+
 # id -> (folder set-up, extra options, regex of the ConfigError or None, regex of a log line).
 RESUME_CASES = {
     "newest-sound": (full_steps(1, 2), [], None, None),
@@ -109,6 +116,11 @@ RESUME_CASES = {
                           r"with --checkpoint.load_step=1 \(this saves over step-2 when it gets "
                           r"there\), or start a new run from these weights with "
                           r"--checkpoint.initial_load_path=.*step-2 --checkpoint.folder=", None),
+    "newest-saved-in-hf": (then(full_steps(1), saved_in_hf(2)), [],
+                           r"step-2 was saved in Hugging Face format .*: resume step-1 with "
+                           r"--checkpoint.load_step=1, or start a new run from these weights "
+                           r"with --checkpoint.initial_load_path=.*step-2 "
+                           r"--checkpoint.initial_load_in_hf --checkpoint.folder=", None),
     "model-only-and-nothing-older": (model_only(2), [], r"not the optimizer and data state to "
                                      r"resume: start a new run from these weights", None),
     "model-only-with-states-excluded": (

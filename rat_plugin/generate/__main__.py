@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-id", type=int, action="append", default=[],
                         help="stop token id (repeatable); the tokenizer's EOS is one by default")
     parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the EOS token")
-    parser.add_argument("--no-bos", action="store_true", help="do not prepend the BOS token")
+    parser.add_argument("--bos", action=argparse.BooleanOptionalAction,
+                        help="prepend the BOS token to text prompts (default: as the model was "
+                        "trained, config.json add_bos)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: stored dtype")
     parser.add_argument("--cuda-graph", action="store_true",
@@ -80,8 +82,9 @@ def parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids {text!r}: give integers such as '1 450 338'") from None
 
 
-def encode_prompts(args: argparse.Namespace):
-    """(token id prompts, tokenizer or None, stop ids) from the command line."""
+def encode_prompts(args: argparse.Namespace, add_bos: bool = True):
+    """(token id prompts, tokenizer or None, stop ids) from the command line; text prompts get
+    the BOS token if ``--bos``, or without the flag if ``add_bos`` (the model's convention)."""
     texts = read_prompts(args)
     stop = set(args.stop_id)
     if texts is None:
@@ -93,7 +96,8 @@ def encode_prompts(args: argparse.Namespace):
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise ValueError(f"prompt {i} ({text!r}) is empty: give some text")
-        prompts.append(ids if args.no_bos or bos is None else [bos, *ids])
+        with_bos = add_bos if args.bos is None else args.bos
+        prompts.append([bos, *ids] if with_bos and bos is not None else ids)
     if eos is not None and not args.ignore_eos:
         stop.add(eos)
     return prompts, tokenizer, stop
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_options(args)
         model = load_reporting_edits(args)
-        prompts, tokenizer, stop = encode_prompts(args)
+        prompts, tokenizer, stop = encode_prompts(args, model.config.get("add_bos", True))
         check_prompts(prompts, model.args.vocab_size)
         result = run(model, prompts, args, stop, tokenizer)
     except (ModelFolderError, ValueError, TypeError) as err:

@@ -11,7 +11,8 @@ fails deep in DCP (EOFError, UnpicklingError) and a model-only checkpoint (what
   checkpoint, a checkpoint whose metadata is unreadable, whose ``.distcp`` files are missing
   or shorter than the metadata says, or whose pickled states (data loader position, step,
   scheduler) do not unpickle;
-- refuses a model-only checkpoint as a resume point, saying how to go on from it;
+- refuses a model-only checkpoint as a resume point, saying how to go on from it (also one
+  saved in Hugging Face format, which torchtitan would load as DCP);
 - checks ``initial_load_path`` the same way when it is what will be loaded.
 
 Tensor payloads carry no checksum: bit rot inside a tensor passes, and is stopped by the
@@ -100,9 +101,20 @@ def check_resume(job_config: JobConfig) -> None:
     loadable = set(dcp_steps) | {s for s, p in steps.items() if (p / HF_INDEX).is_file()}
     step = checkpoint.load_step
     if step == -1:
-        if not loadable or max(loadable) not in dcp_steps:
-            return  # nothing to resume from, or torchtitan's own HF-format resume
+        if not loadable:
+            return  # nothing to resume from
         step = max(loadable)
+        if step not in dcp_steps:  # torchtitan would load it as DCP and fail
+            older = max(dcp_steps, default=None)
+            resume = (f"resume step-{older} with --checkpoint.load_step={older}, or "
+                      if older is not None else "")
+            raise ConfigError(
+                f"[checkpoint] {steps[step]} was saved in Hugging Face format "
+                f"(last_save_in_hf: model weights only), which torchtitan does not resume: "
+                f"{resume}start a new run from these weights with "
+                f"--checkpoint.initial_load_path={steps[step]} --checkpoint.initial_load_in_hf "
+                "--checkpoint.folder=<a new folder>"
+            )
     elif step not in dcp_steps:
         raise ConfigError(
             f"[checkpoint] load_step={step}: {folder} has no complete step-{step}; complete "

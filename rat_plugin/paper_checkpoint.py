@@ -1,0 +1,320 @@
+"""Checkpoints of the paper's code (CLAIRE-Labo/RAT): read without executing the pickle, map to
+``RATModel`` names, export as a standalone folder or a DCP seed (no torchtitan import).
+
+The file is a ``torch.save`` dict: weights under ``task`` (keys possibly prefixed ``_orig_mod.``),
+the run's configuration under ``config`` (an ``easydict.EasyDict``), plus ``optimizer``,
+``lr_scheduler`` and ``step``. The weights map one to one; the fused input projections split by
+rows (z, v, g, q, k for RAT, v, q, k for attention). The model math is the same, so an import
+reproduces the source model's logits to rounding.
+"""
+
+import os
+import pickle
+import re
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from rat_plugin.convert import (
+    ConversionError,
+    ModelSpec,
+    check_output,
+    check_shapes,
+    fitting_models,
+    is_model_folder,
+    is_model_only_dcp,
+    refuse_bad_weights,
+    write_dcp_seed,
+    write_folder,
+)
+from rat_plugin.folder import EMBEDDING, listing
+from rat_plugin.model import MODEL_KINDS, make_args
+
+COMPILE_PREFIX = "_orig_mod."
+PAPER_HEAD = "head.lm_head.weight"
+# Paper name -> ours, for the weights that map one to one ({} is the layer index).
+RENAMES = {
+    "embedding.wte.weight": EMBEDDING,
+    "backbone.ln.weight": "norm.weight",
+    "backbone.layers.{}.seq_layer.input_norm.weight": "layers.{}.mixer_norm.weight",
+    "backbone.layers.{}.seq_layer.gate_bias": "layers.{}.mixer.wg.bias",
+    "backbone.layers.{}.seq_layer.out_proj.weight": "layers.{}.mixer.wo.weight",
+    "backbone.layers.{}.hidden_layer.fc1.weight": "layers.{}.feed_forward.w1.weight",
+    "backbone.layers.{}.hidden_layer.fc2.weight": "layers.{}.feed_forward.w2.weight",
+    "backbone.layers.{}.hidden_layer.ln.weight": "layers.{}.ffn_norm.weight",
+}
+IN_PROJ = "backbone.layers.{}.seq_layer.in_proj.weight"
+# Row blocks of the fused in_proj, in order: RAT (D, D, D, G*d, G*d), attention (D each).
+RAT_ROWS = ("wz", "wv", "wg", "wq", "wk")
+ATTENTION_ROWS = ("wv", "wq", "wk")
+
+
+class ConfigDict(dict):
+    """What an ``easydict.EasyDict`` of the paper's configuration unpickles to."""
+
+
+def _opaque(name: str) -> type:
+    """A stand-in for any other pickled class or function: it absorbs whatever the pickle
+    builds with it and runs nothing (optimizer and scheduler extras are never used)."""
+
+    class Opaque:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __setstate__(self, state):
+            pass
+
+        def __setitem__(self, key, value):
+            pass
+
+        def append(self, item):
+            pass
+
+        def extend(self, items):
+            pass
+
+        def __repr__(self) -> str:
+            return f"a pickled {name}"
+
+    return Opaque
+
+
+def _allowed_globals() -> dict:
+    """The only real objects a pickle may name: tensor rebuilding, containers, dtypes."""
+    from torch import _utils
+
+    allowed = {
+        "collections.OrderedDict": OrderedDict,
+        "torch._utils._rebuild_tensor_v2": _utils._rebuild_tensor_v2,
+        "torch._utils._rebuild_tensor_v3": _utils._rebuild_tensor_v3,
+        "torch._utils._rebuild_parameter": _utils._rebuild_parameter,
+        "torch.Size": torch.Size,
+        "torch.device": torch.device,
+        "builtins.set": set,
+        "builtins.frozenset": frozenset,
+        "builtins.complex": complex,
+        "_codecs.encode": __import__("codecs").encode,
+        "easydict.EasyDict": ConfigDict,
+    }
+    for name in dir(torch):
+        if isinstance(getattr(torch, name), torch.dtype):
+            allowed[f"torch.{name}"] = getattr(torch, name)
+    return allowed
+
+
+class _Unpickler(pickle.Unpickler):
+    """Resolves names only to ``_allowed_globals``; anything else becomes an inert stand-in."""
+
+    allowed = None
+
+    def find_class(self, module: str, name: str):
+        if _Unpickler.allowed is None:
+            _Unpickler.allowed = _allowed_globals()
+        return _Unpickler.allowed.get(f"{module}.{name}") or _opaque(f"{module}.{name}")
+
+
+class _RestrictedPickle:
+    """The ``pickle_module`` torch.load uses: storages come from torch, names from the list."""
+
+    __name__ = "rat_plugin.paper_checkpoint"
+    Unpickler = _Unpickler
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _Unpickler(file, **kwargs).load()
+
+
+def read_paper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(weights without the compile prefix, configuration or {}) of a checkpoint file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConversionError(
+            f"{path} is a folder: --from-paper takes the .pth file the paper's code saved"
+        )
+    if not path.is_file():
+        raise ConversionError(f"checkpoint file {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False,
+                          pickle_module=_RestrictedPickle, mmap=zipfile.is_zipfile(path))
+    except Exception as err:  # torch.load raises many types for foreign files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ConversionError(
+            f"{path} is not a torch.save checkpoint ({type(err).__name__}: {reason[:200]})"
+        ) from None
+    if not isinstance(ckpt, dict) or "task" not in ckpt:
+        found = listing(map(str, ckpt)) if isinstance(ckpt, dict) else repr(ckpt)[:80]
+        raise ConversionError(
+            f"{path} has no 'task' weights, so it is not a checkpoint of the paper's code "
+            f"(found: {found})"
+        )
+    task = ckpt["task"]
+    if not isinstance(task, dict):
+        raise ConversionError(f"{path}: 'task' is {task!r}, not a dict of weights")
+    state = {k.replace(COMPILE_PREFIX, ""): v for k, v in task.items()}
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConversionError(f"{path}: 'task' entries that are not tensors: {listing(bad)}")
+    config = ckpt.get("config")
+    return state, config if isinstance(config, dict) else {}
+
+
+def map_weights(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
+    """The paper's weights under RATModel names (the tied head dropped after a check)."""
+    state = dict(state)
+    head = state.pop(PAPER_HEAD, None)
+    embedding = state.get("embedding.wte.weight")
+    if head is not None and embedding is not None and not torch.equal(head, embedding):
+        raise ConversionError(
+            f"{where}: {PAPER_HEAD} differs from embedding.wte.weight, but RAT models tie them"
+        )
+    if embedding is None or embedding.dim() != 2:
+        raise ConversionError(
+            f"{where} has no embedding.wte.weight matrix: it is not a language model of the "
+            "paper's code"
+        )
+    dim = embedding.shape[1]
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        abstract = re.sub(r"\.(\d+)\.", ".{}.", key, count=1)
+        layer = re.search(r"\.(\d+)\.", key)
+        if abstract == IN_PROJ:
+            mapped.update(_split_in_proj(value, dim, layer.group(1), where))
+        elif abstract in RENAMES:
+            mapped[RENAMES[abstract].format(layer.group(1) if layer else "")] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ConversionError(
+            f"{where} holds weights that no RAT, RAT-SWA or attention model of the paper's code "
+            f"has: {listing(unknown)}"
+        )
+    return mapped
+
+
+def _split_in_proj(weight: torch.Tensor, dim: int, layer: str, where) -> dict:
+    rows = weight.shape[0]
+    if rows == 3 * dim:
+        names, sizes = ATTENTION_ROWS, [dim] * 3
+    elif rows > 3 * dim and (rows - 3 * dim) % 2 == 0:
+        group_dim = (rows - 3 * dim) // 2
+        names, sizes = RAT_ROWS, [dim, dim, dim, group_dim, group_dim]
+    else:
+        raise ConversionError(
+            f"{where}: layer {layer}'s in_proj has {rows} rows, neither RAT's 3D + 2Gd nor "
+            f"attention's 3D (D={dim}): is this a RAT model of the paper's code?"
+        )
+    blocks = torch.split(weight, sizes, dim=0)
+    return {f"layers.{layer}.mixer.{n}.weight": b for n, b in zip(names, blocks)}
+
+
+def _get(config: dict, *path):
+    for key in path:
+        config = config.get(key) if isinstance(config, dict) else None
+    return config
+
+
+def settings_from_config(config: dict) -> dict:
+    """What shapes do not show, from the run's configuration: the mixers by layer parity, chunk
+    size, window, RoPE base, training length and head size (None where absent)."""
+    backbone = _get(config, "model", "backbone") or {}
+    interleaved = backbone.get("_name_") == "sequence_interleave"
+    even = backbone.get("seq_cell1" if interleaved else "seq_cell") or {}
+    odd = backbone.get("seq_cell") or {}
+    return {
+        "even": even.get("_name_"),
+        "odd": odd.get("_name_") if interleaved else None,
+        "chunk_size": even.get("chunk_size"),
+        "swa_window": odd.get("window_size") if interleaved else None,
+        "rope_base": _get(config, "model", "embedding", "pe", "base"),
+        "max_seq_len": _get(config, "data", "seq_len"),
+        "head_dim": even.get("d_head"),
+        "act_fn": _get(backbone, "hidden_cell", "act_fn"),
+    }
+
+
+KINDS_BY_MIXERS = {
+    ("rat", None): "rat",
+    ("rat", "local_attention"): "rat_swa",
+    ("attention", None): "rat_attn",
+    ("attention", "local_attention"): "rat_attn_swa",
+}
+
+
+def paper_spec(state: dict[str, torch.Tensor], config: dict, where, spec=None) -> ModelSpec:
+    """Kind and flavor from the mapped shapes (and the configuration's mixers where shapes
+    cannot tell), with chunk size, window, RoPE base and length from the configuration."""
+    settings = settings_from_config(config)
+    if settings["act_fn"] not in (None, "gelu"):
+        raise ConversionError(
+            f"{where}: the FFN uses {settings['act_fn']!r}, RAT models here use exact gelu"
+        )
+    if spec is None:
+        mixers = (settings["even"], settings["odd"])
+        if settings["even"] is not None and mixers not in KINDS_BY_MIXERS:
+            raise ConversionError(
+                f"{where}: layers of kinds {mixers} (even, odd) have no RAT model kind here: "
+                f"supported are {sorted(KINDS_BY_MIXERS)}"
+            )
+        kinds = [KINDS_BY_MIXERS[mixers]] if mixers in KINDS_BY_MIXERS else list(MODEL_KINDS)
+        fits = fitting_models({k: v.shape for k, v in state.items()}, kinds)
+        if len(fits) != 1:
+            found = ", ".join(f"{k}/{f}" for k, f, _ in fits) or "none"
+            raise ConversionError(
+                f"cannot tell the model from the checkpoint shapes (matching kind/flavor: "
+                f"{found}): pass --model-name and --flavor"
+            )
+        kind, flavor, _ = fits[0]
+        spec = ModelSpec(kind, flavor, None, "checkpoint shapes")
+    overrides = {k: settings[k] for k in ("chunk_size", "rope_base", "max_seq_len")
+                 if settings[k] is not None}
+    if settings["swa_window"] is not None and spec.kind.endswith("_swa"):
+        overrides["swa_window"] = settings["swa_window"]
+    try:
+        args = make_args(spec.kind, spec.flavor, **overrides)
+    except ValueError as err:
+        raise ConversionError(f"{where}: the checkpoint's configuration: {err}") from None
+    if settings["head_dim"] not in (None, args.head_dim):
+        raise ConversionError(
+            f"{where}: heads of {settings['head_dim']} channels, but {spec.kind}/{spec.flavor} "
+            f"has {args.head_dim}: pass the matching --flavor"
+        )
+    source = spec.source + (" + checkpoint config" if overrides else "")
+    return ModelSpec(spec.kind, spec.flavor, args, source)
+
+
+def load_paper_model(path, spec: ModelSpec | None = None, log=print):
+    """(ModelSpec, checked RATModel weights) of a checkpoint of the paper's code."""
+    state, config = read_paper_checkpoint(path)
+    state = map_weights(state, path)
+    spec = paper_spec(state, config, path, spec)
+    log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source}; paper's code)")
+    check_shapes(spec.args, {k: v.shape for k, v in state.items()}, str(path))
+    refuse_bad_weights(state, path)
+    return spec, state
+
+
+def paper_to_standalone(
+    path, out_dir, spec: ModelSpec | None = None, dtype: torch.dtype | None = None,
+    force: bool = False, tokenizer_dir=None, log=print,
+) -> ModelSpec:
+    """Export a checkpoint of the paper's code as a standalone folder, recording its data
+    convention (no BOS, EOS after each document): text prompts get no BOS."""
+    out = Path(out_dir)
+    check_output(path, out, force, "source checkpoint", is_model_folder)
+    spec, state = load_paper_model(path, spec, log)
+    write_folder(state, spec, out, dtype, force, tokenizer_dir, add_bos=False, log=log)
+    return spec
+
+
+def paper_to_dcp(
+    path, out_dir, spec: ModelSpec | None = None, dtype: torch.dtype | None = None,
+    force: bool = False, log=print,
+) -> ModelSpec:
+    """A model-only DCP seed (``checkpoint.initial_load_path``) of a paper-code checkpoint."""
+    out = Path(out_dir)
+    check_output(path, out, force, "source checkpoint", is_model_only_dcp)
+    spec, state = load_paper_model(path, spec, log)
+    write_dcp_seed(state, out, dtype, force, spec.kind, log)
+    return spec

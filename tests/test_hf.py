@@ -1,0 +1,112 @@
+"""Hugging Face transformers: the exported folder loads with AutoModelForCausalLM, round-trips
+through save_pretrained, and generate() gives rat_plugin.generate's tokens and logits while
+feeding one token per forward after the prefill (RAT's caches, no recomputation)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import rat_plugin.hf  # noqa: F401  (registers model type "rat")
+from conftest import run_main
+from rat_plugin.convert import ModelSpec, write_folder
+from rat_plugin.generate import generate, load
+from rat_plugin.hf import RATForCausalLM
+from rat_plugin.model import RATModel, make_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PROMPTS = [[5, 9, 33, 2, 17, 40, 41, 7, 8, 100, 3], [11, 12, 13]]  # lengths 11 and 3
+
+
+def lively_folder(kind: str, root: Path) -> Path:
+    """A small model whose greedy continuations vary (weights scaled up from the init, where
+    the tied head would mostly repeat the last token)."""
+    torch.manual_seed(1)
+    args = make_args(kind, "debugmodel", dim=64, n_layers=2, ffn_hidden_dim=128, vocab_size=256,
+                     chunk_size=4, max_seq_len=32, **({"swa_window": 6} if "swa" in kind else {}))
+    model = RATModel(args)
+    model.init_weights()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(8)
+    state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    write_folder(state, ModelSpec(kind, "debugmodel", args, "test"), root / kind, log=lambda _: 0)
+    return root / kind
+
+
+def export(folder: Path, out: Path, capsys) -> Path:
+    code, _, err = run_main(convert_main, [str(folder), str(out), "--to-hf"], capsys)
+    assert code == 0, err
+    return out
+
+
+def hf_generate(model, prompts, new_tokens):
+    """Greedy generate() on a left-padded batch: (new tokens per prompt, logits per step)."""
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[0] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, longest:].tolist(), torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["rat", "rat_swa"])
+def test_generate_matches_and_decodes_from_the_cache(kind, tmp_path, capsys):
+    folder = lively_folder(kind, tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(export(folder, tmp_path / "hf", capsys)).eval()
+    assert isinstance(model, RATForCausalLM)
+    fed = []
+    forward = model.model.forward
+    model.model.forward = lambda tokens, *a, **k: fed.append(tokens.shape[1]) or forward(
+        tokens, *a, **k)
+    tokens, logits = hf_generate(model, PROMPTS, 24)
+    reference = generate(load(folder), PROMPTS, 24, return_logits=True)
+    assert tokens == reference.tokens
+    assert len(set(tokens[0])) > 3, "degenerate continuation: the comparison would be weak"
+    for i in range(len(PROMPTS)):
+        torch.testing.assert_close(logits[i], reference.logits[i], atol=1e-5, rtol=0)
+    # One prefill of the padded prompts, then one token per step: no recomputation.
+    assert fed == [11] + [1] * 23
+
+
+def test_save_pretrained_round_trips(small_model_dir, tmp_path, capsys):
+    hf = export(small_model_dir, tmp_path / "hf", capsys)
+    assert AutoConfig.from_pretrained(hf).model_type == "rat"
+    first = AutoModelForCausalLM.from_pretrained(hf)
+    first.save_pretrained(tmp_path / "again")
+    second = AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    source = load(small_model_dir).state_dict()
+    for model in (first, second):
+        state = model.model.state_dict()
+        assert state.keys() == source.keys()
+        assert all(torch.equal(state[k], source[k]) for k in source)
+        assert model.model.output.weight is model.model.tok_embeddings.weight
+    assert second.config.to_args() == load(small_model_dir).args
+    assert second.config.eos_token_id is not None  # from the tokenizer: generate stops there
+    tokens = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(second(tokens).logits, load(small_model_dir)(tokens))
+
+
+def test_unsupported_use_is_one_line(small_model_dir, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(export(small_model_dir, tmp_path / "hf", capsys))
+    ids = torch.tensor([[5, 6, 7, 0]])
+    cases = {
+        "beam search": (dict(num_beams=2), "generation mode beam_search is not supported"),
+        "right padding": (dict(attention_mask=torch.tensor([[1, 1, 1, 0]])),
+                          "attention_mask must be left padding"),
+    }
+    for name, (kwargs, message) in cases.items():
+        with pytest.raises(ValueError) as info:
+            model.generate(ids, max_new_tokens=2, pad_token_id=0, **kwargs)
+        assert message in str(info.value) and "\n" not in str(info.value), name
+    code, _, err = run_main(convert_main, [str(small_model_dir), str(tmp_path / "hf"), "--to-hf"],
+                            capsys)
+    assert code == 1 and "already exists: pass --force" in err

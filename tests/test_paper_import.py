@@ -1,0 +1,211 @@
+"""Importing checkpoints of the paper's code (CLAIRE-Labo/RAT).
+
+The checkpoints are built here from a project model by the paper code's layout (checked against
+its code): a torch.save dict with the weights under "task" (prefixed "_orig_mod." by
+torch.compile, the head tied to the embedding, fused in_proj rows z, v, g, q, k for RAT and
+v, q, k for attention, RAT at even layers of the hybrid), the run's configuration as an
+``easydict.EasyDict``, optimizer, lr_scheduler and step.
+"""
+
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from conftest import run_main
+from rat_plugin.convert import ConversionError
+from rat_plugin.generate import load
+from rat_plugin.model import RATModel, make_args
+from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+quiet = dict(log=lambda _: None)
+
+
+class EasyDict(dict):
+    """Like easydict.EasyDict: a dict whose items are also attributes, nested dicts converted."""
+
+    def __init__(self, d=None):
+        super().__init__()
+        for k, v in (d or {}).items():
+            setattr(self, k, v)
+
+    def __setattr__(self, name, value):
+        if isinstance(value, dict) and not isinstance(value, EasyDict):
+            value = EasyDict(value)
+        super().__setattr__(name, value)
+        super().__setitem__(name, value)
+
+
+def paper_state(model: RATModel) -> dict[str, torch.Tensor]:
+    """The paper code's task.state_dict() of the same weights, compiled (prefixed)."""
+    state = {"embedding.wte.weight": model.tok_embeddings.weight,
+             "head.lm_head.weight": model.tok_embeddings.weight,
+             "backbone.ln.weight": model.norm.weight}
+    for i, block in model.layers.items():
+        mixer, seq = block.mixer, f"backbone.layers.{i}.seq_layer"
+        if hasattr(mixer, "wz"):  # RAT
+            rows = (mixer.wz, mixer.wv, mixer.wg, mixer.wq, mixer.wk)
+            state[f"{seq}.gate_bias"] = mixer.wg.bias
+        else:
+            rows = (mixer.wv, mixer.wq, mixer.wk)
+        state[f"{seq}.in_proj.weight"] = torch.cat([r.weight for r in rows])
+        state[f"{seq}.out_proj.weight"] = mixer.wo.weight
+        state[f"{seq}.input_norm.weight"] = block.mixer_norm.weight
+        ffn = f"backbone.layers.{i}.hidden_layer"
+        state[f"{ffn}.fc1.weight"] = block.feed_forward.w1.weight
+        state[f"{ffn}.fc2.weight"] = block.feed_forward.w2.weight
+        state[f"{ffn}.ln.weight"] = block.ffn_norm.weight
+    return {f"_orig_mod.{k}": v.detach().clone() for k, v in state.items()}
+
+
+def paper_config(args) -> EasyDict:
+    rat = {"_name_": "rat", "d_head": args.head_dim, "chunk_size": args.chunk_size, "ngroups": 2}
+    backbone = {"_name_": "sequence", "seq_cell": rat, "hidden_cell": {"act_fn": "gelu"}}
+    if args.swa_window is not None:
+        backbone.update(_name_="sequence_interleave", seq_cell1=rat, seq_cell={
+            "_name_": "local_attention", "window_size": args.swa_window})
+    return EasyDict({"model": {"backbone": backbone, "embedding": {"pe": {"base": 10000}}},
+                     "data": {"seq_len": args.max_seq_len}})
+
+
+def save_paper_checkpoint(path: Path, state: dict, config=None) -> Path:
+    """torch.save as the paper's trainer does, the config pickled as easydict.EasyDict."""
+    module = types.ModuleType("easydict")
+    module.EasyDict = EasyDict
+    EasyDict.__module__ = "easydict"
+    sys.modules["easydict"] = module
+    try:
+        first = next(iter(state.values()))
+        torch.save({"task": state, "config": config, "step": 999,
+                    "optimizer": {"state": {0: {"exp_avg": torch.zeros_like(first)}},
+                                  "param_groups": [{"lr": 8e-4, "betas": (0.9, 0.95)}]},
+                    "lr_scheduler": {"last_epoch": 999, "base_lrs": [8e-4]}}, path)
+    finally:
+        del sys.modules["easydict"]
+        EasyDict.__module__ = __name__
+    return path
+
+
+def project_model(kind: str, **overrides) -> RATModel:
+    torch.manual_seed(0)
+    model = RATModel(make_args(kind, "debugmodel", **overrides))
+    model.init_weights()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["rat", "rat_swa"])
+def test_import_reproduces_the_source_logits(kind, tmp_path, capsys):
+    # chunk size 8, not the flavor's 16: it must come from the checkpoint's configuration.
+    model = project_model(kind, chunk_size=8, max_seq_len=128)
+    ckpt = save_paper_checkpoint(tmp_path / "999.pth", paper_state(model), paper_config(model.args))
+    code, out, err = run_main(convert_main, [str(ckpt), str(tmp_path / "out"), "--from-paper"],
+                              capsys)
+    assert code == 0, err
+    assert f"kind={kind} flavor=debugmodel (from checkpoint shapes + checkpoint config" in out
+    imported = load(tmp_path / "out")
+    assert imported.args == model.args and imported.config["add_bos"] is False
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.args.vocab_size, (2, 96), generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(imported(tokens), model(tokens), atol=1e-6, rtol=0)
+
+
+def test_import_without_config_and_to_a_dcp_seed(tmp_path):
+    """Shapes alone identify rat_swa (gate biases on even layers only); the DCP seed loads into
+    a fresh model like torchtitan's initial_load_path does."""
+    model = project_model("rat_swa")
+    ckpt = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model))
+    spec = paper_to_dcp(ckpt, tmp_path / "seed", **quiet)
+    assert (spec.kind, spec.flavor, spec.args) == ("rat_swa", "debugmodel", model.args)
+    fresh = project_model("rat_swa", max_seq_len=256)
+    state = fresh.state_dict()
+    dcp.load(state, checkpoint_id=str(tmp_path / "seed"), no_dist=True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(state[name], value), name
+
+
+def test_unpickling_runs_no_code(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"task": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ConversionError, match="'task' is a pickled posix.system, not a dict"):
+        paper_to_standalone(tmp_path / "evil.pth", tmp_path / "out", **quiet)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def spoiled(name: str):
+    """A checkpoint edit for the table below."""
+    def edit(state: dict) -> dict:
+        if name == "untied":
+            state["_orig_mod.head.lm_head.weight"] = state["_orig_mod.head.lm_head.weight"] + 1
+        elif name == "rnn":
+            key = "_orig_mod.backbone.layers.1.seq_layer.in_proj.weight"
+            state[key] = torch.zeros(5 * 128 + 1, 128)
+        elif name == "bias":
+            state["_orig_mod.backbone.layers.0.hidden_layer.fc1.bias"] = torch.zeros(512)
+        elif name == "nan":
+            state["_orig_mod.backbone.ln.weight"][3] = float("nan")
+        return state
+    return edit
+
+
+# id -> (how the source file is made, regex of the one-line error).
+BAD_SOURCES = {
+    "missing": (None, r"checkpoint file .*missing.pth does not exist"),
+    "folder": ("folder", r"is a folder: --from-paper takes the .pth file"),
+    "garbage": (b"\x80\x02garbage", r"is not a torch.save checkpoint \(UnpicklingError"),
+    "truncated": ("truncated", r"is not a torch.save checkpoint"),
+    "no-task": ({"model": {"w": torch.ones(2)}}, r"has no 'task' weights.*\(found: model\)"),
+    "untied": (spoiled("untied"), r"head.lm_head.weight differs from embedding.wte.weight"),
+    "rnn": (spoiled("rnn"), r"layer 1's in_proj has 641 rows, neither RAT's 3D \+ 2Gd"),
+    "bias": (spoiled("bias"), r"weights that no RAT.*has: backbone.layers.0.hidden_layer.fc1.bias"),
+    "nan": (spoiled("nan"), r"norm.weight holds a non-finite weight nan at \[3\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_sources_give_one_line(case, tmp_path, capsys):
+    make, pattern = BAD_SOURCES[case]
+    src = tmp_path / f"{case}.pth"
+    if make == "folder":
+        src.mkdir()
+    elif isinstance(make, bytes):
+        src.write_bytes(make)
+    elif isinstance(make, dict):
+        torch.save(make, src)
+    elif make == "truncated":
+        save_paper_checkpoint(src, paper_state(project_model("rat")))
+        src.write_bytes(src.read_bytes()[:5000])
+    elif make is not None:
+        save_paper_checkpoint(src, make(paper_state(project_model("rat"))))
+    code, out, err = run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper"],
+                              capsys)
+    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_without_the_flag_is_pointed_to_it(tmp_path, capsys):
+    (tmp_path / "1.pth").write_bytes(b"x")
+    code, _, err = run_main(convert_main, [str(tmp_path / "1.pth"), str(tmp_path / "out")], capsys)
+    assert code == 1 and "is a file: pass --from-paper" in err
+
+
+def test_the_configuration_comes_from_the_checkpoint(tmp_path, capsys):
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(project_model("rat")))
+    argv = [str(src), str(tmp_path / "out"), "--from-paper", "--config", "train.toml"]
+    code, _, err = run_main(convert_main, argv, capsys)
+    assert code == 1 and "reads the configuration from the checkpoint: drop --config" in err

@@ -1,0 +1,106 @@
+"""torchtitan's Hugging Face checkpoint path and the transformers export, with the real trainer
+(2 CPU ranks, FSDP2). From the shared seed, written in HF format by the writer torchtitan uses,
+a run with ``initial_load_in_hf`` and ``last_save_in_hf`` has the losses of a run from the DCP
+seed and saves the weights that run saves as DCP; the saved file reads back through the adapter;
+and the trained model exported for transformers generates what ``rat_plugin.generate`` does."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
+
+from conftest import launch, run_main, tb_losses
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from convert_checkpoint import main as convert_main  # noqa: E402
+
+STEPS = 2
+SMALL = ("--training.local_batch_size=2", "--training.seq_len=64", "--checkpoint.enable",
+         "--checkpoint.interval=100")
+
+
+def train(dump: Path, *options: str) -> dict[int, float]:
+    run = launch("rat_debug.toml", dump, *SMALL, f"--training.steps={STEPS}", *options)
+    assert run.returncode == 0, run.stdout[-4000:]
+    if "--checkpoint.initial_load_in_hf" in options:  # the HF path ran, not a fresh init
+        assert "loading from HF safetensors from --checkpoint.initial_load_path" in run.stdout
+    return tb_losses(dump)
+
+
+def dcp_weights(step: Path) -> dict[str, torch.Tensor]:
+    entries = FileSystemReader(str(step)).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()}
+    dcp.load(state, checkpoint_id=str(step), no_dist=True)
+    return state
+
+
+@pytest.fixture(scope="module")
+def runs(seed_checkpoint, tmp_path_factory):
+    """The seed as HF safetensors (transformers' names for RATForCausalLM: model.<RATModel
+    name>, the tied head once), then a run from each seed."""
+    root = tmp_path_factory.mktemp("hf_runs")
+    seed = seed_checkpoint("rat_debug.toml")
+    hf_state = {f"model.{k}": v for k, v in dcp_weights(seed).items() if k != "output.weight"}
+    writer = HuggingFaceStorageWriter(str(root / "hf_seed"), save_distributed=True,
+                                      enable_consolidation=True)
+    dcp.save(hf_state, storage_writer=writer, no_dist=True)
+    hf = train(root / "hf", f"--checkpoint.initial_load_path={root / 'hf_seed'}",
+               "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_in_hf")
+    reference = train(root / "dcp", f"--checkpoint.initial_load_path={seed}")
+    saved = {kind: root / kind / "checkpoint" / f"step-{STEPS}" for kind in ("hf", "dcp")}
+    return dict(saved=saved, hf=hf, reference=reference)
+
+
+@pytest.mark.slow
+def test_initial_load_in_hf_trains_like_the_dcp_seed(runs):
+    assert sorted(runs["hf"]) == list(range(1, STEPS + 1))
+    for step, loss in runs["reference"].items():
+        assert abs(runs["hf"][step] - loss) <= 1e-6, (step, runs["hf"][step], loss)
+
+
+@pytest.mark.slow
+def test_last_save_in_hf_holds_the_trained_weights_and_loads_back(runs):
+    from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter
+
+    files = list(runs["saved"]["hf"].glob("*.safetensors"))
+    assert len(files) == 1, files  # consolidated by torchtitan
+    saved, twin = load_file(str(files[0])), dcp_weights(runs["saved"]["dcp"])
+    assert set(saved) == {f"model.{k}" for k in twin if k != "output.weight"}
+    for name, value in twin.items():
+        if name != "output.weight":
+            assert torch.equal(saved[f"model.{name}"], value), name
+    # Read back as torchtitan's initial_load_in_hf does: to_hf names, HF reader, from_hf.
+    adapter = RATStateDictAdapter(None, None)
+    state = adapter.to_hf({k: torch.zeros_like(v) for k, v in twin.items()})
+    dcp.load(state, storage_reader=adapter.get_hf_storage_reader(str(runs["saved"]["hf"])),
+             no_dist=True)
+    loaded = adapter.from_hf(state)
+    assert loaded.keys() == twin.keys() and all(torch.equal(loaded[k], twin[k]) for k in twin)
+
+
+@pytest.mark.slow
+def test_trained_model_generates_the_same_through_transformers(runs, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    import rat_plugin.hf  # noqa: F401
+    from rat_plugin.generate import generate, load
+
+    folder, hf = tmp_path / "folder", tmp_path / "hf"
+    argv = [str(runs["saved"]["dcp"]), str(folder), "--config",
+            str(REPO / "train_configs" / "rat_debug.toml"), "--seq-len", "64"]
+    for args in (argv, [str(folder), str(hf), "--to-hf"]):
+        code, _, err = run_main(convert_main, args, capsys)
+        assert code == 0, err
+    prompts = [[1, 45, 97, 130, 31, 200, 17, 64, 90], [1, 300]]
+    reference = generate(load(folder), prompts, 12).tokens
+    model = AutoModelForCausalLM.from_pretrained(hf)
+    ids = torch.tensor([prompts[0], [0] * 7 + prompts[1]])
+    mask = (torch.arange(9)[None] >= torch.tensor([[0], [7]])).long()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    assert out[:, 9:].tolist() == reference
