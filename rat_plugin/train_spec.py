@@ -197,28 +197,50 @@ def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig
     packing (``rat_plugin.data.packing``)."""
     training = job_config.training
     check_dataset_path(training.dataset, training.dataset_path, "training")
-    rat = getattr(job_config, "rat", None)
-    if rat is None or not rat.document_aware:
+    if not document_aware(job_config):
         return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
-    chunk_size = make_args(job_config.model.name, job_config.model.flavor).chunk_size
-    try:
-        dataset = DocumentPackedDataset(
-            training.dataset, training.dataset_path, tokenizer, seq_len=training.seq_len,
-            dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=kwargs.get("infinite", True),
-            chunk_size=chunk_size,
-        )
-    except ValueError as e:
-        raise ConfigError(f"[rat] document_aware: {e}") from None
-    return ParallelAwareDataloader(
-        dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
-        **{**dataclasses.asdict(training.dataloader), "batch_size": training.local_batch_size},
-    )
+    return document_packed_loader(job_config, "training", tokenizer, dp_rank, dp_world_size,
+                                  infinite=kwargs.get("infinite", True))
 
 
 def build_rat_validator(*, job_config: JobConfig, **kwargs):
+    """RAT's validator; with ``[rat] document_aware`` it validates on documents packed as in
+    training, so the held-out loss is that of each document alone, as it will be decoded."""
     validation = job_config.validation
     check_dataset_path(validation.dataset, validation.dataset_path, "validation")
-    return RATValidator(job_config=job_config, **kwargs)
+    loader = None
+    if document_aware(job_config):
+        loader = document_packed_loader(
+            job_config, "validation", kwargs["tokenizer"], kwargs["dp_rank"],
+            kwargs["dp_world_size"], infinite=validation.steps != -1,
+        )
+    return RATValidator(job_config=job_config, dataloader=loader, **kwargs)
+
+
+def document_aware(job_config: JobConfig) -> bool:
+    rat = getattr(job_config, "rat", None)
+    return rat is not None and rat.document_aware
+
+
+def document_packed_loader(
+    job_config: JobConfig, section: str, tokenizer, dp_rank: int, dp_world_size: int,
+    infinite: bool,
+) -> ParallelAwareDataloader:
+    """The ``[training]`` or ``[validation]`` data packed document-aware."""
+    data = getattr(job_config, section)
+    chunk_size = make_args(job_config.model.name, job_config.model.flavor).chunk_size
+    try:
+        dataset = DocumentPackedDataset(
+            data.dataset, data.dataset_path, tokenizer, seq_len=data.seq_len,
+            dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=infinite,
+            chunk_size=chunk_size,
+        )
+    except ValueError as e:
+        raise ConfigError(f"[rat] document_aware, [{section}] {e}") from None
+    return ParallelAwareDataloader(
+        dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
+        **{**dataclasses.asdict(data.dataloader), "batch_size": data.local_batch_size},
+    )
 
 
 class Float8NameError:

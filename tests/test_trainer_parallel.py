@@ -55,6 +55,7 @@ FLOAT8 = (
 )
 FLOAT8_LOG = ("Float8 training active with recipe tensorwise", "Swapped to Float8Linear")
 COMPILED = "Compiling each TransformerBlock"
+DOCUMENTS, DOCUMENTS_LOG = "--rat.document_aware", "Document-aware packing (chunk_size=16)"
 FULL_LOG, SELECTIVE_LOG = (f"Applied {m} activation checkpointing" for m in ("full", "selective"))
 
 
@@ -65,6 +66,7 @@ class Case:
     expect: tuple[str, ...]  # lines the run's log must contain
     nproc: int = 1
     tolerance: float = TOLERANCE
+    data: tuple[str, ...] = ()  # options of the data, which the one-process run takes too
 
 
 PARALLEL = {
@@ -76,6 +78,12 @@ PARALLEL = {
     "rat_swa-cp2-headtail+compile+ac-selective-op": Case(
         "rat_swa_debug.toml", (CP2, *COMPILE, *OP_AC),
         ("cp=2, tp=1, ep=1", "Applied FSDP", COMPILED, SELECTIVE_LOG), nproc=2,
+    ),
+    # Packed documents (training and validation): each rank reads the window's document starts
+    # at its own global positions, and the SWA halo hides the other rank's documents.
+    "rat_swa-cp2-headtail-documents": Case(
+        "rat_swa_debug.toml", (CP2,), ("cp=2, tp=1, ep=1", DOCUMENTS_LOG), nproc=2,
+        data=(DOCUMENTS,),
     ),
 }
 COMPILE_AC = {
@@ -115,14 +123,15 @@ class Runs:
         assert {kind: sorted(steps) for kind, steps in losses.items()} == LOGGED_STEPS
         return losses
 
-    def reference(self, config: str) -> dict[str, dict[int, float]]:
-        if config not in self._references:
-            losses = self.losses(f"one-{config}", config, expect=("cp=1, tp=1",))
+    def reference(self, config: str, data: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
+        name = "-".join(("one", config, *(o.strip("-") for o in data)))
+        if name not in self._references:
+            losses = self.losses(name, config, *data, expect=("cp=1, tp=1",))
             train, held_out = losses["training"], losses["validation"]
             assert train[STEPS] < train[1] - 0.5, losses  # the steps really train
             assert held_out[STEPS] < held_out[1] - 0.3, losses  # and it shows on held-out data
-            self._references[config] = losses
-        return self._references[config]
+            self._references[name] = losses
+        return self._references[name]
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +140,9 @@ def runs(tmp_path_factory, seed_checkpoint) -> Runs:
 
 
 def assert_same_losses(name: str, case: Case, runs: Runs) -> None:
-    want = runs.reference(case.config)
-    got = runs.losses(name, case.config, *case.options, nproc=case.nproc, expect=case.expect)
+    want = runs.reference(case.config, case.data)
+    got = runs.losses(name, case.config, *case.data, *case.options, nproc=case.nproc,
+                      expect=case.expect)
     for kind in TAGS:
         worst = max(abs(got[kind][s] - want[kind][s]) for s in want[kind])
         assert worst <= case.tolerance, (

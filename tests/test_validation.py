@@ -10,6 +10,7 @@ data).
 """
 
 import contextlib
+import itertools
 import json
 import math
 import re
@@ -122,6 +123,38 @@ def test_validator_is_the_mean_loss_over_the_same_held_out_tokens(one_rank):
     for _, loss, extra in metrics.logged:
         assert loss == pytest.approx(want, rel=1e-6)
         assert extra["validation_metrics/perplexity"] == pytest.approx(math.exp(want), rel=1e-6)
+
+
+@pytest.mark.usefixtures("repo_cwd", "one_thread")
+def test_document_aware_validation_is_each_document_alone(one_rank):
+    """With ``[rat] document_aware`` the held-out documents are packed as in training and the
+    loss is that of each document alone: the oracle cuts every window at its document starts
+    and runs the pieces one by one, without document_starts."""
+    config = job("rat_debug.toml", "--rat.document_aware", f"--validation.seq_len={SEQ_LEN}",
+                 f"--validation.local_batch_size={BATCH}", f"--validation.steps={STEPS}")
+    validator, metrics = make_validator(config, one_rank)
+    model = small_model(2048)
+    validator.validate([model], step=1)
+
+    loader = ts.document_packed_loader(config, "validation", ts.build_tokenizer(config), 0, 1,
+                                       infinite=True)
+    total, count, pieces, plain = 0.0, 0, 0, []
+    with torch.no_grad():
+        for inputs, labels in itertools.islice(iter(loader), STEPS):
+            logits = model.eval()(inputs["input"])  # the documents see each other
+            plain.append(F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
+            for tokens, starts, label in zip(inputs["input"], inputs["document_starts"], labels):
+                bounds = starts.unique().tolist() + [SEQ_LEN]
+                for a, b in zip(bounds, bounds[1:]):
+                    logits = model(tokens[None, a:b])[0]
+                    total += F.cross_entropy(logits, label[a:b], reduction="sum").item()
+                    count += int((label[a:b] != -100).sum())
+                    pieces += 1
+    assert pieces > BATCH * STEPS  # windows with several documents
+    want = total / count
+    ((step, loss, _),) = metrics.logged
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert abs(torch.stack(plain).mean().item() - want) > 1e-3  # the masks made a difference
 
 
 @pytest.mark.usefixtures("repo_cwd")

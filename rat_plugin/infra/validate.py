@@ -32,20 +32,26 @@ from rat_plugin.infra import ConfigError
 
 
 class RATValidator(Validator):
-    def __init__(self, **kwargs):
+    def __init__(self, dataloader=None, **kwargs):
+        """``dataloader``: the held-out batches, if not torchtitan's text dataloader (with
+        ``[rat] document_aware``, the documents packed as in training)."""
         super().__init__(**kwargs)
+        if dataloader is not None:
+            self.validation_dataloader = dataloader
         self._start = self.validation_dataloader.state_dict()
 
     def post_dataloading_process(self, input_dict, labels, model_parts):
-        """(inputs, labels, {}, kwargs): RAT needs no attention masks; under CP the local
-        pieces and their global ``positions``, as the trainer's training step shards them."""
+        """(inputs, labels, extra_inputs, kwargs): RAT needs no attention masks; under CP the
+        local pieces and their global ``positions``, as the trainer's training step shards them
+        (``document_starts``, an extra input, stays whole: the model reads it by position)."""
         inputs, kwargs = input_dict["input"], {}
+        extra_inputs = {k: v for k, v in input_dict.items() if k != "input"}
         if self.parallel_dims.cp_enabled:
             inputs, labels, kwargs = prepare_context_parallel_input(
                 inputs, labels, kwargs, self.parallel_dims.get_mesh("cp"), inputs.device,
                 self.job_config.parallelism.context_parallel_load_balancer,
             )
-        return inputs, labels, {}, kwargs
+        return inputs, labels, extra_inputs, kwargs
 
     @torch.no_grad()
     def validate(self, model_parts: list[nn.Module], step: int) -> None:
@@ -61,11 +67,11 @@ class RATValidator(Validator):
             self.metrics_processor.ntokens_since_last_log += labels.numel()
             labels = labels.to(device)
             tokens += (labels != IGNORE_INDEX).sum()
-            inputs, labels, _, kwargs = self.post_dataloading_process(
-                {"input": input_dict["input"].to(device)}, labels, model_parts
+            inputs, labels, extra_inputs, kwargs = self.post_dataloading_process(
+                {k: v.to(device) for k, v in input_dict.items()}, labels, model_parts
             )
             with self.validation_context(), self.maybe_enable_amp:
-                loss = self.loss_fn(model(inputs, **kwargs), labels)
+                loss = self.loss_fn(model(inputs, **extra_inputs, **kwargs), labels)
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss  # TP
         dims = self.parallel_dims
         total = dist_utils.dist_sum(loss_sum, dims.get_optional_mesh("loss"))
