@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 install:
 	@if $(PYTHON) -c "import importlib.metadata as m; [m.version(d) for d in ('rat-titan', \
 'torch', 'torchtitan', 'torchdata', 'tokenizers', 'triton', 'pytest', 'pytest-timeout', \
-'torchao', 'lm_eval', 'matplotlib', 'transformers')]" \
+'torchao', 'lm_eval', 'accelerate', 'matplotlib', 'transformers')]" \
 		2>/dev/null; then \
 		echo "install: everything already installed"; \
 	else \

@@ -2,7 +2,9 @@
 shipped local tasks (tests/lm_eval_tasks: task YAML + JSONL) through lm_eval's evaluator,
 checked against accuracies computed by hand from the model's own log-likelihoods (one plain
 forward per choice, no batching, no padding) and against a plain greedy loop without the decode
-cache."""
+cache. Two routes: our model ``rat`` on the standalone folder, and lm_eval's own ``hf`` model
+on the folder's ``--to-hf`` export (transformers' generate() with RAT's caches; no BOS, as
+lm_eval's HF model encodes by default)."""
 
 import json
 import os
@@ -82,36 +84,45 @@ import json, sys
 import rat_plugin.eval.harness
 from lm_eval import simple_evaluate
 from lm_eval.tasks import TaskManager
-model, tasks, out = sys.argv[1:]
+model, model_args, tasks, out = sys.argv[1:]
 result = simple_evaluate(
-    model="rat", model_args=f"pretrained={model}", tasks=["rat_story_choice", "rat_story_words"],
+    model=model, model_args=model_args, tasks=["rat_story_choice", "rat_story_words"],
     task_manager=TaskManager(include_path=tasks, include_defaults=False), batch_size=4,
     device="cpu", log_samples=True)
 with open(out, "w") as f:
     json.dump({"results": result["results"], "samples": result["samples"]}, f, default=str)
 """
+ROUTES = {"rat": True, "hf": False}  # lm_eval model -> whether its texts start with BOS
 
 
-@pytest.fixture(scope="module")
-def evaluation(small_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("lm_eval") / "evaluation.json"
+@pytest.fixture(scope="module", params=list(ROUTES))
+def evaluation(request, small_model_dir, tmp_path_factory):
+    """(lm_eval results, samples by task, the oracle) of one route."""
+    root = tmp_path_factory.mktemp(f"lm_eval_{request.param}")
+    model_args = f"pretrained={small_model_dir}"
+    if request.param == "hf":
+        from rat_plugin.hf.export import folder_to_hf
+
+        folder_to_hf(small_model_dir, root / "hf", log=lambda _: None)
+        model_args = f"pretrained={root / 'hf'},dtype=float32,backend=causal"
     run = subprocess.run(
-        [sys.executable, "-c", EVALUATE, str(small_model_dir), str(TASKS), str(out)],
+        [sys.executable, "-c", EVALUATE, request.param, model_args, str(TASKS),
+         str(root / "evaluation.json")],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **OFFLINE),
         capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    evaluation = json.loads(out.read_text())
+    evaluation = json.loads((root / "evaluation.json").read_text())
     samples = {task: sorted(s, key=lambda s: s["doc_id"])
                for task, s in evaluation["samples"].items()}
-    return evaluation["results"], samples
+    return evaluation["results"], samples, Oracle(small_model_dir, add_bos=ROUTES[request.param])
 
 
 @pytest.mark.slow
-def test_multiple_choice_accuracy_equals_the_hand_computation(evaluation, small_model_dir):
-    results, samples = evaluation
+def test_multiple_choice_accuracy_equals_the_hand_computation(evaluation):
+    results, samples, oracle = evaluation
     docs = read_jsonl(TASKS / "rat_story_choice.jsonl")
-    acc, acc_norm, lls = hand_accuracies(Oracle(small_model_dir), docs)
+    acc, acc_norm, lls = hand_accuracies(oracle, docs)
     assert results["rat_story_choice"]["acc,none"] == pytest.approx(acc, abs=1e-12)
     assert results["rat_story_choice"]["acc_norm,none"] == pytest.approx(acc_norm, abs=1e-12)
     assert 0 < acc < 1  # a task the model neither always passes nor always fails
@@ -121,9 +132,8 @@ def test_multiple_choice_accuracy_equals_the_hand_computation(evaluation, small_
 
 
 @pytest.mark.slow
-def test_generate_until_is_the_plain_greedy_continuation(evaluation, small_model_dir):
-    results, samples = evaluation
-    oracle = Oracle(small_model_dir)
+def test_generate_until_is_the_plain_greedy_continuation(evaluation):
+    results, samples, oracle = evaluation
     docs = read_jsonl(TASKS / "rat_story_words.jsonl")
     want = [oracle.greedy(doc["context"], 6, ".") for doc in docs]
     assert [s["filtered_resps"][0] for s in samples["rat_story_words"]] == want

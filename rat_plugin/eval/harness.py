@@ -4,7 +4,9 @@
         --tasks hellaswag,arc_easy --batch_size 16 --device cuda
 
 or in Python: ``import rat_plugin.eval.harness`` registers it for ``lm_eval.simple_evaluate(
-model="rat", model_args="pretrained=rat_model", ...)``.
+model="rat", model_args="pretrained=rat_model", ...)``. Importing it also registers RAT with
+transformers' Auto classes (``rat_plugin.hf``), so lm_eval's own model ``hf`` evaluates a folder
+exported with ``--to-hf`` (``--model hf --model_args pretrained=rat_hf``).
 
 model_args: ``pretrained`` (a folder from tools/convert_checkpoint.py), ``dtype`` (fp32 | bf16 |
 fp16, default: stored), ``add_bos`` (default true), ``max_length`` (default: the training
@@ -38,6 +40,7 @@ except ImportError:
         "lm-evaluation-harness is not installed: pip install -e '.[eval]'"
     ) from None
 
+import rat_plugin.hf  # noqa: F401, E402  (lm_eval's "hf" model loads --to-hf folders)
 from rat_plugin.eval.scoring import continuation_logprobs
 from rat_plugin.generate import generate, load, load_tokenizer
 from rat_plugin.generate.arguments import resolve_device
