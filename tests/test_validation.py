@@ -158,14 +158,19 @@ def test_document_aware_validation_is_each_document_alone(one_rank):
 
 
 @pytest.mark.usefixtures("repo_cwd")
-def test_validation_goes_through_the_non_finite_guard(one_rank):
+def test_non_finite_validation_stops_the_run_naming_the_step(one_rank):
+    """Validation runs after the step's checkpoint save: the error says so (not the training
+    guard's "stopped before the optimizer step")."""
     config = job("rat_debug.toml", f"--validation.seq_len={SEQ_LEN}", "--validation.steps=1")
-    validator, _ = make_validator(config, one_rank)
+    validator, metrics = make_validator(config, one_rank)
     model = small_model(2048)
     with torch.no_grad():
         model.norm.weight[0] = float("nan")
-    with pytest.raises(NonFiniteError, match="the loss is nan"):
-        validator.validate([model], step=1)
+    with pytest.raises(NonFiniteError, match=r"^the validation loss at step 7 is nan: the weights "
+                       r"of step 7 .* \(a checkpoint saved at this step holds them\): resume from "
+                       r"an earlier checkpoint \(--checkpoint.load_step\)"):
+        validator.validate([model], step=7)
+    assert metrics.logged == []
 
 
 @pytest.mark.usefixtures("repo_cwd")

@@ -12,8 +12,9 @@ What differs from torchtitan 0.2.2's ``Validator.validate``:
   times too large);
 - perplexity (exp of the loss) is logged with it (``validation_metrics/perplexity``).
 
-The loss goes through the trainer's loss function, so a non-finite validation loss stops the run
-like a training one (``infra/guards.py``).
+A non-finite validation loss stops the run on every rank (the check is on the mean over all of
+them), saying that the checkpoint of that step holds the weights: torchtitan validates after it
+saves (the training loss guard of ``infra/guards.py`` stops before the optimizer step instead).
 """
 
 import math
@@ -28,7 +29,7 @@ from torchtitan.distributed.context_parallel import prepare_context_parallel_inp
 from torchtitan.tools import utils
 from torchtitan.tools.logging import logger
 
-from rat_plugin.infra import ConfigError
+from rat_plugin.infra import ConfigError, NonFiniteError
 
 
 class RATValidator(Validator):
@@ -59,6 +60,7 @@ class RATValidator(Validator):
         model.eval()
         self.validation_dataloader.load_state_dict(self._start)
         device, max_steps = utils.device_type, self.job_config.validation.steps
+        loss_fn = getattr(self.loss_fn, "unchecked", self.loss_fn)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         tokens = torch.zeros((), dtype=torch.int64, device=device)
         for num_steps, (input_dict, labels) in enumerate(self.validation_dataloader):
@@ -71,7 +73,7 @@ class RATValidator(Validator):
                 {k: v.to(device) for k, v in input_dict.items()}, labels, model_parts
             )
             with self.validation_context(), self.maybe_enable_amp:
-                loss = self.loss_fn(model(inputs, **extra_inputs, **kwargs), labels)
+                loss = loss_fn(model(inputs, **extra_inputs, **kwargs), labels)
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss  # TP
         dims = self.parallel_dims
         total = dist_utils.dist_sum(loss_sum, dims.get_optional_mesh("loss"))
@@ -83,6 +85,13 @@ class RATValidator(Validator):
                 "[validation] seq_len"
             )
         loss = total / count
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"the validation loss at step {step} is {loss}: the weights of step {step} give "
+                "non-finite outputs on held-out data (a checkpoint saved at this step holds "
+                "them): resume from an earlier checkpoint (--checkpoint.load_step) or, if the "
+                "run diverged, lower [optimizer] lr"
+            )
         perplexity = math.exp(loss) if loss < 700 else math.inf  # exp overflows a float beyond
         self.metrics_processor.log_validation(
             loss=loss, step=step, extra_metrics={"validation_metrics/perplexity": perplexity}
