@@ -3,6 +3,8 @@
 PYTHON ?= python
 NPROC ?= 2
 CONFIG ?= train_configs/rat_debug.toml
+# More trainer options, e.g. ARGS=--checkpoint.enable (the debug configs save no checkpoints).
+ARGS ?=
 # torch first, pinned: on a CPU-only host this resolves to the CPU wheel, so the package
 # install below finds torch satisfied and pulls no CUDA packages. Extra pip arguments (e.g. a
 # CPU wheel index) go in TORCH_PIP_ARGS.
@@ -28,7 +30,7 @@ data: install
 train-debug: data
 	$(PYTHON) -m torch.distributed.run --nproc_per_node=$(NPROC) --standalone \
 		--local-ranks-filter 0 --role rank --tee 3 \
-		-m torchtitan.train --job.config_file $(CONFIG)
+		-m torchtitan.train --job.config_file $(CONFIG) $(ARGS)
 
 test: data
 	$(PYTHON) -m pytest -q
