@@ -101,6 +101,7 @@ def packed(tmp_path, debug_assets):
     """A document-aware dataset over documents of 1 to 60 words, and their token ids."""
     import json
 
+    from datasets import Dataset
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
     import rat_plugin.train_spec  # noqa: F401  (registers the datasets)
@@ -109,11 +110,14 @@ def packed(tmp_path, debug_assets):
     words = "the cat sat on a mat and then it ran far away".split()
     texts = [" ".join(words[i % 12] for i in range(n)) for n in (1, 5, 60, 14, 2, 33, 9, 41)]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "streamed").mkdir()
+    Dataset.from_dict({"text": texts}).to_parquet(tmp_path / "streamed" / "train.parquet")
     tokenizer = HuggingFaceTokenizer(str(debug_assets / "tokenizer"))
 
-    def make():
-        return DocumentPackedDataset("rat_debug", str(tmp_path), tokenizer, seq_len=64,
-                                     chunk_size=L)
+    def make(streamed=False):
+        """The map-style debug dataset, or FineWeb-Edu's streamed parquet reader."""
+        name, path = ("fineweb_edu", tmp_path / "streamed") if streamed else ("rat_debug", tmp_path)
+        return DocumentPackedDataset(name, str(path), tokenizer, seq_len=64, chunk_size=L)
 
     documents = [tokenizer.encode(t, add_bos=True, add_eos=True) for t in texts]
     return make, documents, tokenizer
@@ -154,6 +158,21 @@ def test_packing_resumes_exactly_from_its_state(packed):
     for (inputs, labels), (want_inputs, want_labels) in zip(iter(resumed), reference[2:]):
         for name in ("input", "document_starts"):
             assert torch.equal(inputs[name], want_inputs[name])
+        assert torch.equal(labels, want_labels)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["map", "streamed"])
+def test_measuring_the_waste_leaves_the_data_at_its_start(packed, streamed):
+    """The waste is measured by reading the first documents; a streamed dataset's checkpointed
+    position (what the validator rewinds to before each run) must still be the first one."""
+    make, _, _ = packed
+    reference = list(iter(make(streamed)))
+    resumed = make(streamed)
+    resumed.load_state_dict(make(streamed).state_dict())
+    windows = list(iter(resumed))
+    assert len(windows) == len(reference)
+    for (inputs, labels), (want_inputs, want_labels) in zip(windows, reference):
+        assert torch.equal(inputs["input"], want_inputs["input"])
         assert torch.equal(labels, want_labels)
 
 

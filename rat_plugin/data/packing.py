@@ -11,9 +11,6 @@ RAT paper's code. The waste is under chunk_size tokens per document; it is measu
 first documents and logged when the dataset is built.
 """
 
-import itertools
-
-
 import torch
 from datasets import Dataset
 from torchtitan.components.loss import IGNORE_INDEX
@@ -47,7 +44,8 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
 
     def padding_waste(self, documents: int = 1000) -> tuple[int, int, int]:
         """(padding tokens, packed tokens, documents) over the first ``documents`` documents."""
-        lengths = [len(self._encode(s)) for s in itertools.islice(iter(self._data), documents)]
+        # Read through take(): iterating a streamed dataset itself moves its checkpointed position.
+        lengths = [len(self._encode(s)) for s in self._data.take(documents)]
         padding = sum(-n % self.chunk_size for n in lengths)
         return padding, sum(lengths) + padding, len(lengths)
 
