@@ -192,6 +192,19 @@ def test_loglikelihood_rolling_scores_every_token(harness, small_model_dir):
     assert got == pytest.approx(want, abs=1e-5)
 
 
+def test_empty_stop_strings_and_continuations(harness, small_model_dir):
+    """Task YAMLs may stop on "" (which stops nothing) or score an empty continuation
+    (probability 1); neither may crash the run."""
+    lm = harness.RATHarnessModel(pretrained=str(small_model_dir))
+    oracle = Oracle(small_model_dir)
+    for until in ([""], ""):
+        (text,) = lm.generate_until(requests([("Anna", {"until": until, "max_gen_toks": 5})]))
+        assert text == oracle.greedy("Anna", 5, until="\0")  # a stop string that never occurs
+    got = lm.loglikelihood(requests([("Anna", ""), ("Anna", " saw")]), disable_tqdm=True)
+    assert got[0] == (0.0, True)
+    assert got[1][0] == pytest.approx(oracle.loglikelihood("Anna", " saw"), abs=1e-5)
+
+
 @pytest.mark.parametrize("args,error", [
     ({"batch_size": "auto"}, r"batch_size='auto': give a whole number >= 1 \(no 'auto' for rat\)"),
     ({"add_bos": "no"}, r"add_bos='no': give True or False"),

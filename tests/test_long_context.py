@@ -133,6 +133,8 @@ def test_haystack_from_a_text_and_too_short_lengths():
     with pytest.raises(ValueError, match=r"length 40 leaves no room for a haystack sentence: "
                        rf"use lengths of at least {builder.minimum_length()} tokens"):
         builder.build(40, 0.5, "54321")
+    with pytest.raises(ValueError, match="the haystack text has no sentence"):
+        word_builder(retrieval.sentences("   "))  # not silently the passkey filler
 
 
 @pytest.mark.parametrize("answer,right", [

@@ -161,8 +161,9 @@ class RATHarnessModel(TemplateLM):
             if unknown:
                 raise ValueError(f"gen_kwargs {unknown} are not supported by rat: use "
                                  f"{sorted(GEN_KWARGS)}")
-            until = options.get("until") or [self.tok_decode([self.eos_id])]
-            until = [until] if isinstance(until, str) else list(until)
+            until = options.get("until") or []
+            # EOS always stops (a stop token); an empty string stops nothing.
+            until = [s for s in ([until] if isinstance(until, str) else until) if s]
             sample = options.get("do_sample", False) and options.get("temperature", 1.0) > 0
             decode = self._generator(until, options, sample)
             for batch in _batches(indices, self.batch_size):
@@ -188,6 +189,7 @@ class RATHarnessModel(TemplateLM):
             )
             texts = [self.tok_decode([t for t in tokens if t != self.eos_id])
                      for tokens in result.tokens]
-            return [min((text.split(s)[0] for s in until), key=len) for text in texts]
+            return [min((text.split(s)[0] for s in until), key=len, default=text)
+                    for text in texts]
 
         return decode

@@ -48,7 +48,7 @@ class PromptBuilder:
         self.encode = encode
         self.head = ([bos] if bos is not None else []) + encode(INSTRUCTION)
         self.question = encode(" " + QUESTION)
-        self.units = [encode(" " + s) for s in (haystack or FILLER)]
+        self.units = [encode(" " + s) for s in (FILLER if haystack is None else haystack)]
         if not self.units:
             raise ValueError("the haystack text has no sentence: give a text file with some")
 

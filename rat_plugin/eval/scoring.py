@@ -31,6 +31,9 @@ def continuation_logprobs(
     logits = model(inputs.to(device))
     results = []
     for row, (sequence, n) in enumerate(zip(sequences, continuation_lengths)):
+        if n == 0:  # an empty continuation: probability 1
+            results.append((0.0, True))
+            continue
         end = len(sequence) - 1  # logits at position t predict token t + 1
         logprobs = logits[row, end - n: end].float().log_softmax(-1)
         target = torch.tensor(sequence[-n:], device=device)
