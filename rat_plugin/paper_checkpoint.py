@@ -60,6 +60,8 @@ def _opaque(name: str) -> type:
     builds with it and runs nothing (optimizer and scheduler extras are never used)."""
 
     class Opaque:
+        pickled_name = name
+
         def __init__(self, *args, **kwargs):
             pass
 
@@ -81,6 +83,20 @@ def _opaque(name: str) -> type:
     return Opaque
 
 
+def _rebuild_tensor_with_attributes(rebuild, tensor_type, args, attributes):
+    """A tensor pickled with Python attributes (FSDP marks state-dict tensors
+    ``_has_been_cloned``): rebuilt as a plain tensor by an allowed function, attributes dropped."""
+    from torch import _utils
+
+    if rebuild not in (_utils._rebuild_tensor_v2, _utils._rebuild_tensor_v3):
+        name = getattr(rebuild, "pickled_name", rebuild)
+        raise pickle.UnpicklingError(f"a tensor rebuilt by {name} is not allowed")
+    if tensor_type not in (torch.Tensor, torch.nn.Parameter):
+        name = getattr(tensor_type, "pickled_name", tensor_type)
+        raise pickle.UnpicklingError(f"a tensor of type {name} is not allowed")
+    return rebuild(*args)
+
+
 def _allowed_globals() -> dict:
     """The only real objects a pickle may name: tensor rebuilding, containers, dtypes."""
     from torch import _utils
@@ -90,6 +106,9 @@ def _allowed_globals() -> dict:
         "torch._utils._rebuild_tensor_v2": _utils._rebuild_tensor_v2,
         "torch._utils._rebuild_tensor_v3": _utils._rebuild_tensor_v3,
         "torch._utils._rebuild_parameter": _utils._rebuild_parameter,
+        "torch._tensor._rebuild_from_type_v2": _rebuild_tensor_with_attributes,
+        "torch.Tensor": torch.Tensor,
+        "torch.nn.parameter.Parameter": torch.nn.Parameter,
         "torch.Size": torch.Size,
         "torch.device": torch.device,
         "builtins.set": set,

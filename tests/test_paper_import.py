@@ -21,7 +21,7 @@ from conftest import run_main
 from rat_plugin.convert import ConversionError
 from rat_plugin.generate import load
 from rat_plugin.model import RATModel, make_args
-from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone
+from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone, read_paper_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from convert_checkpoint import main as convert_main  # noqa: E402
@@ -131,6 +131,28 @@ def test_import_without_config_and_to_a_dcp_seed(tmp_path):
     dcp.load(state, checkpoint_id=str(tmp_path / "seed"), no_dist=True)
     for name, value in model.state_dict().items():
         assert torch.equal(state[name], value), name
+
+
+class TensorSubclass(torch.Tensor):
+    pass
+
+
+def test_tensors_saved_with_attributes_as_fsdp_saves_them(tmp_path):
+    """FSDP's full state dict marks each tensor ``_has_been_cloned``, which pickles it through
+    torch._tensor._rebuild_from_type_v2; only plain tensors are rebuilt that way."""
+    model = project_model("rat")
+    state = paper_state(model)
+    for tensor in state.values():
+        tensor._has_been_cloned = True
+    read, _ = read_paper_checkpoint(save_paper_checkpoint(tmp_path / "fsdp.pth", state))
+    want = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    assert read.keys() == want.keys()
+    for name, tensor in read.items():
+        assert type(tensor) is torch.Tensor and torch.equal(tensor, want[name]), name
+    state[next(iter(state))] = torch.ones(2).as_subclass(TensorSubclass)
+    with pytest.raises(ConversionError, match=r"is not a torch.save checkpoint \(UnpicklingError: "
+                       r"a tensor of type .*TensorSubclass.* is not allowed\)"):
+        read_paper_checkpoint(save_paper_checkpoint(tmp_path / "subclass.pth", state))
 
 
 def test_unpickling_runs_no_code(tmp_path):
