@@ -250,6 +250,7 @@ def settings_from_config(config: dict) -> dict:
         "max_seq_len": _get(config, "data", "seq_len"),
         "head_dim": even.get("d_head"),
         "act_fn": _get(backbone, "hidden_cell", "act_fn"),
+        "interleave_step": backbone.get("interleave_step") if interleaved else None,
     }
 
 
@@ -268,6 +269,11 @@ def paper_spec(state: dict[str, torch.Tensor], config: dict, where, spec=None) -
     if settings["act_fn"] not in (None, "gelu"):
         raise ConversionError(
             f"{where}: the FFN uses {settings['act_fn']!r}, RAT models here use exact gelu"
+        )
+    if settings["interleave_step"] not in (None, 2):
+        raise ConversionError(
+            f"{where}: interleave_step={settings['interleave_step']!r} in the configuration, but "
+            "the hybrids here alternate their two layer kinds (interleave_step 2)"
         )
     if spec is None:
         mixers = (settings["even"], settings["odd"])
@@ -335,5 +341,16 @@ def paper_to_dcp(
     out = Path(out_dir)
     check_output(path, out, force, "source checkpoint", is_model_only_dcp)
     spec, state = load_paper_model(path, spec, log)
+    # A seed holds weights only: the run that loads it builds the flavor's model as it stands.
+    flavor = make_args(spec.kind, spec.flavor)
+    changed = [f"{name}={getattr(spec.args, name)} (the flavor has {getattr(flavor, name)})"
+               for name in ("chunk_size", "swa_window", "rope_base")
+               if getattr(spec.args, name) != getattr(flavor, name)]
+    if changed:
+        raise ConversionError(
+            f"{path}: the checkpoint's model has {', '.join(changed)}, which a training config "
+            f"of {spec.kind}/{spec.flavor} cannot set, so fine-tuning the seed would train "
+            "another model: import it without --to-dcp (a standalone folder) instead"
+        )
     write_dcp_seed(state, out, dtype, force, spec.kind, log)
     return spec

@@ -119,6 +119,16 @@ def test_import_reproduces_the_source_logits(kind, tmp_path, capsys):
         torch.testing.assert_close(imported(tokens), model(tokens), atol=1e-6, rtol=0)
 
 
+def test_a_dcp_seed_of_a_model_the_flavor_cannot_build_is_refused(tmp_path, capsys):
+    model = project_model("rat", chunk_size=8)
+    ckpt = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), paper_config(model.args))
+    code, _, err = run_main(convert_main, [str(ckpt), str(tmp_path / "seed"), "--from-paper",
+                                           "--to-dcp"], capsys)
+    assert code == 1 and not (tmp_path / "seed").exists()
+    assert re.search(r"the checkpoint's model has chunk_size=8 \(the flavor has 16\), which a "
+                     r"training config of rat/debugmodel cannot set.* instead$", err.strip())
+
+
 def test_import_without_config_and_to_a_dcp_seed(tmp_path):
     """Shapes alone identify rat_swa (gate biases on even layers only); the DCP seed loads into
     a fresh model like torchtitan's initial_load_path does."""
@@ -218,6 +228,23 @@ def test_bad_sources_give_one_line(case, tmp_path, capsys):
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_another_interleaving_is_refused(tmp_path, capsys):
+    """Attention and local attention layers have the same shapes: only the configuration tells
+    that every third layer, not every second, is global."""
+    model = project_model("rat_attn_swa")
+    config = paper_config(model.args)
+    config.model.backbone.update(seq_cell1={"_name_": "attention"}, interleave_step=3)
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), config)
+    code, _, err = run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper"],
+                            capsys)
+    assert code == 1 and err.count("\n") == 1 and not (tmp_path / "out").exists()
+    assert "interleave_step=3 in the configuration, but the hybrids here alternate" in err
+    config.model.backbone.interleave_step = 2  # the same file as the paper writes it imports
+    save_paper_checkpoint(src, paper_state(model), config)
+    assert run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper"],
+                    capsys)[0] == 0
 
 
 def test_a_file_without_the_flag_is_pointed_to_it(tmp_path, capsys):
