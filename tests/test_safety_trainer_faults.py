@@ -129,6 +129,13 @@ RESUME_CASES = {
     "seed-checkpoint-step-0": (model_only(0), [], None, None),
     "load-step-absent": (full_steps(1, 2), ["--checkpoint.load_step", "5"],
                          r"load_step=5: .* has no complete step-5; complete steps: \[1, 2\]$", None),
+    "renamed-copy-of-a-newer-step": (
+        then(full_steps(1, 2), lambda f: (f / "step-2").rename(f / "backup-step-3")), [],
+        r"backup-step-3 counts as step 3 for torchtitan \(any name containing step-N\), which "
+        r"then loads step-3, absent: rename it or move it out of .*checkpoint$", None),
+    "renamed-copy-beside-its-step": (
+        then(full_steps(1, 2), lambda f: shutil.copytree(f / "step-2", f / "old-step-2")), [],
+        None, None),
     "load-step-older-while-newest-corrupt": (
         then(full_steps(1, 2), lambda f: truncate(f / "step-2")),
         ["--checkpoint.load_step", "1"], None, None),

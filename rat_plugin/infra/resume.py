@@ -37,11 +37,15 @@ HF_INDEX = "model.safetensors.index.json"  # a step saved in HF format: not DCP,
 
 
 def step_folders(folder: Path) -> dict[int, Path]:
+    """Step -> a folder torchtitan counts as that step (the exact ``step-N`` where there is one:
+    torchtitan counts any name containing step-N, then loads ``step-N``)."""
     found = {}
     for path in folder.iterdir():
         match = STEP.search(path.name)
         if match and path.is_dir():
-            found[int(match.group(1))] = path
+            step = int(match.group(1))
+            if step not in found or path.name == f"step-{step}":
+                found[step] = path
     return found
 
 
@@ -115,7 +119,13 @@ def check_resume(job_config: JobConfig) -> None:
                 f"--checkpoint.initial_load_path={steps[step]} --checkpoint.initial_load_in_hf "
                 "--checkpoint.folder=<a new folder>"
             )
-    elif step not in dcp_steps:
+    if step in steps and steps[step].name != f"step-{step}":
+        raise ConfigError(
+            f"[checkpoint] {steps[step].name} counts as step {step} for torchtitan (any name "
+            f"containing step-N), which then loads step-{step}, absent: rename it or move it out "
+            f"of {folder}"
+        )
+    if step not in dcp_steps:
         raise ConfigError(
             f"[checkpoint] load_step={step}: {folder} has no complete step-{step}; complete "
             f"steps: {sorted(dcp_steps)}"
