@@ -287,14 +287,20 @@ def is_model_only_dcp(folder: Path) -> bool:
 
 @contextmanager
 def output_folder(out: Path, force: bool, log) -> Iterator[Path]:
-    """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line."""
+    """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line; the
+    writers report them in their own types (safetensors, DCP)."""
+    from safetensors import SafetensorError
+
     try:
         with atomic_dir(out, force, log) as tmp:
             yield tmp
-    except OSError as err:
+    except (OSError, SafetensorError, CheckpointException) as err:
+        if isinstance(err, CheckpointException):  # DCP: the first rank's failure
+            err = next(iter(err.failures.values()))[0]
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         raise ConversionError(
-            f"cannot write {out} ({err.strerror or err}): choose a writable output folder "
-            "with enough free space"
+            f"cannot write {out} ({reason.strip().splitlines()[0]}): choose a writable output "
+            "folder with enough free space"
         ) from None
 
 
@@ -389,7 +395,11 @@ def standalone_to_dcp(
     weights = Path(model_dir) / WEIGHTS_FILE
     if not weights.is_file():
         raise ConversionError(f"{model_dir} has no {WEIGHTS_FILE}: convert the checkpoint again")
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise ConversionError(f"cannot read {weights} ({err}): convert the checkpoint again") \
+            from None
     check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
     refuse_bad_weights(state, weights)
     write_dcp_seed(state, out, dtype, force, config.get("model_kind"), log)

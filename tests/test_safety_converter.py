@@ -12,6 +12,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from rat_plugin.model import RATModel, make_args
 
@@ -118,6 +119,50 @@ def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
     assert tree_hashes(tmp_path) == before
+
+
+def disk_full_in_safetensors(*args, **kwargs):  # what save_file raised on a full tmpfs
+    raise safetensors.SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def disk_full_in_dcp(*args, **kwargs):  # what dcp.save raised on a full tmpfs
+    raise CheckpointException("CheckpointException ranks:dict_keys([0])", {0: (RuntimeError(
+        "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), None)})
+
+
+@pytest.mark.parametrize("to_dcp", [False, True], ids=["folder", "dcp-seed"])
+def test_disk_full_is_one_line_and_keeps_the_old_output(to_dcp, tmp_path, capsys, monkeypatch):
+    src = full_checkpoint(tmp_path / "step-7")
+    argv = [str(src), str(tmp_path / "out")]
+    if to_dcp:  # a folder export -> a DCP seed
+        assert convert_main(argv) == 0
+        argv = [str(tmp_path / "out"), str(tmp_path / "seed"), "--to-dcp"]
+    assert convert_main(argv) == 0
+    capsys.readouterr()
+    before = tree_hashes(tmp_path)
+    if to_dcp:
+        monkeypatch.setattr(dcp, "save", disk_full_in_dcp)
+    else:
+        monkeypatch.setattr(safetensors.torch, "save_file", disk_full_in_safetensors)
+    assert convert_main([*argv, "--force"]) == 1
+    err = capsys.readouterr().err
+    reason = "unexpected pos 704 vs 598" if to_dcp else "No space left on device"
+    assert err.count("\n") == 1 and re.search(
+        rf"^error: cannot write .*(seed|out) \(.*{reason}.*\): choose a writable output folder "
+        "with enough free space$", err), err
+    assert tree_hashes(tmp_path) == before  # the old output intact, no temporary left
+
+
+def test_damaged_model_file_is_one_line_when_seeding(tmp_path, capsys):
+    assert convert_main([str(full_checkpoint(tmp_path / "step-7")), str(tmp_path / "out")]) == 0
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert convert_main([str(tmp_path / "out"), str(tmp_path / "seed"), "--to-dcp"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(
+        r"^error: cannot read .*out/model.safetensors \(.*\): convert the checkpoint again$", err)
+    assert not (tmp_path / "seed").exists()
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
