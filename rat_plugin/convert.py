@@ -42,6 +42,8 @@ from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 MODEL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")
 # Top-level entries of a full torchtitan checkpoint besides the (flattened) model.
 TRAINER_STATES = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+# Written beside a DCP seed's files, so --force can tell our seeds from torchtitan's saves.
+SEED_MARKER = "rat_seed.json"
 
 
 class ConversionError(RuntimeError):
@@ -273,16 +275,26 @@ def check_output(
 
 
 def is_model_folder(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    """A model folder this tool wrote: its config.json, and its configuration record in the
+    weights (another model's config.json + model.safetensors is not ours to replace)."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+            record = (f.metadata() or {}).get(CONFIG_RECORD)
+    except Exception:  # missing or unreadable files
+        return False
+    return isinstance(config, dict) and config.get("model_kind") in MODEL_KINDS and bool(record)
 
 
-def is_model_only_dcp(folder: Path) -> bool:
-    """A DCP checkpoint of model weights alone (what ``--to-dcp`` writes), not a training one."""
+def is_dcp_seed(folder: Path) -> bool:
+    """A DCP seed this tool wrote (model weights and its marker), not a torchtitan save."""
     try:
         entries = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     except Exception:  # no or unreadable .metadata
         return False
-    return all(k.startswith(MODEL_PREFIXES) for k in entries)
+    return (folder / SEED_MARKER).is_file() and all(k.startswith(MODEL_PREFIXES) for k in entries)
 
 
 @contextmanager
@@ -387,7 +399,7 @@ def standalone_to_dcp(
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    check_output(model_dir, out, force, "source model folder", is_model_only_dcp)
+    check_output(model_dir, out, force, "source model folder", is_dcp_seed)
     try:
         config, args = read_config(model_dir)
     except ModelFolderError as err:
@@ -419,4 +431,5 @@ def write_dcp_seed(
     state[TIED_HEAD] = state[EMBEDDING]  # torchtitan saves both names
     with output_folder(out, force, log) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        (tmp / SEED_MARKER).write_text(json.dumps({"model_kind": kind, "dtype": dtype_name(dtype)}))
     log(f"wrote DCP checkpoint {out} (kind={kind}, {dtype_name(dtype)})")

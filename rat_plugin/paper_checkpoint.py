@@ -24,7 +24,7 @@ from rat_plugin.convert import (
     check_shapes,
     fitting_models,
     is_model_folder,
-    is_model_only_dcp,
+    is_dcp_seed,
     refuse_bad_weights,
     write_dcp_seed,
     write_folder,
@@ -339,7 +339,7 @@ def paper_to_dcp(
 ) -> ModelSpec:
     """A model-only DCP seed (``checkpoint.initial_load_path``) of a paper-code checkpoint."""
     out = Path(out_dir)
-    check_output(path, out, force, "source checkpoint", is_model_only_dcp)
+    check_output(path, out, force, "source checkpoint", is_dcp_seed)
     spec, state = load_paper_model(path, spec, log)
     # A seed holds weights only: the run that loads it builds the flavor's model as it stands.
     flavor = make_args(spec.kind, spec.flavor)

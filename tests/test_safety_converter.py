@@ -76,6 +76,11 @@ CASES = {
                                r"folder this tool wrote, so even --force does not replace it"),
     "force-onto-training-checkpoint": (None, ["{src}", "--to-dcp", "--force"],
                                        r"step-7 exists and is not a folder this tool wrote"),
+    "force-onto-model-only-training-save": (None, ["{tmp}/run/checkpoint/step-9", "--to-dcp",
+                                                   "--force"],
+                                            r"step-9 exists and is not a folder this tool wrote"),
+    "force-onto-another-model-folder": (None, ["{tmp}/llama", "--force"],
+                                        r"llama exists and is not a folder this tool wrote"),
     "existing-output-without-force": (None, ["{export}"], r"export already exists: pass --force"),
     # Checked before the tied head is compared, so a NaN is not reported as "differs".
     "nan-embedding-row": (NAN_ROW, ["{tmp}/out"], r"step-7: tok_embeddings.weight holds a "
@@ -110,6 +115,12 @@ def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     (tmp_path / "link-to-src").symlink_to(src)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    # torchtitan's model-only last save, and a model folder of another library.
+    dcp.save({"tok_embeddings.weight": torch.ones(4, 2)}, no_dist=True,
+             checkpoint_id=str(tmp_path / "run" / "checkpoint" / "step-9"))
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "llama" / "model.safetensors"))
     capsys.readouterr()
     before = tree_hashes(tmp_path)
 
