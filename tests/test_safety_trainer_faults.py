@@ -197,8 +197,15 @@ def test_non_finite_gradient_stops_before_the_optimizer_step():
     optimizers.zero_grad()
     model(torch.ones(2, 4)).sum().backward()
     model[1].weight.grad[0, 2] = float("inf")
-    with pytest.raises(NonFiniteError, match=r"the gradient of 1.weight is not finite \(1 "
-                       r"parameter\(s\)\) with a finite loss: stopped before the optimizer step"):
+    with pytest.raises(NonFiniteError, match=r"the gradient of 1.weight is not finite with a "
+                       r"finite loss: stopped before the optimizer step"):
+        optimizers.step()
+    assert all(torch.equal(a, p) for a, p in zip(stepped, model.parameters()))
+    model[1].weight.grad[0, 2] = float("nan")
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as torchtitan clips: all NaN now
+    with pytest.raises(NonFiniteError, match=r"the gradients of 4 of 4 parameters are not finite "
+                       r"\(the first is 0.weight, but gradient clipping by a non-finite norm "
+                       r"spreads one bad gradient to all\) with a finite loss"):
         optimizers.step()
     assert all(torch.equal(a, p) for a, p in zip(stepped, model.parameters()))
 

@@ -50,7 +50,8 @@ def build_finite_loss(job_config, **kwargs):
 
 
 def check_gradients(named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
-    """Raise NonFiniteError naming the first parameter whose gradient is not finite."""
+    """Raise NonFiniteError naming the parameter whose gradient is not finite (after
+    torchtitan's clipping by a non-finite norm, every gradient is: then it says so)."""
     named_grads = [
         (name, p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad)
         for name, p in named_params if p.grad is not None
@@ -60,10 +61,11 @@ def check_gradients(named_params: list[tuple[str, torch.nn.Parameter]]) -> None:
     largest = torch.stack([g.detach().abs().amax().float() for _, g in named_grads]).tolist()
     bad = [name for (name, _), value in zip(named_grads, largest) if not math.isfinite(value)]
     if bad:
-        raise NonFiniteError(
-            f"the gradient of {bad[0]} is not finite ({len(bad)} parameter(s)){_rank()} with a "
-            f"finite loss: {STOPPED}"
-        )
+        which = (f"the gradient of {bad[0]} is not finite" if len(bad) == 1 else
+                 f"the gradients of {len(bad)} of {len(named_grads)} parameters are not finite "
+                 f"(the first is {bad[0]}, but gradient clipping by a non-finite norm spreads "
+                 "one bad gradient to all)")
+        raise NonFiniteError(f"{which}{_rank()} with a finite loss: {STOPPED}")
 
 
 def build_guarded_optimizers(model_parts, optimizer_config, parallel_dims, **kwargs):
