@@ -20,7 +20,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from rat_plugin.atomic import atomic_dir
+from rat_plugin.atomic import atomic_dir, recover
 from rat_plugin.folder import (
     CONFIG_FILE,
     CONFIG_RECORD,
@@ -249,11 +249,13 @@ def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
 
 
 def check_output(
-    src: str | os.PathLike, out: str | os.PathLike, force: bool, source: str, written_by_us
+    src: str | os.PathLike, out: str | os.PathLike, force: bool, source: str, written_by_us,
+    log=print,
 ) -> None:
     """Refuse an output that is, lies inside or contains the source (whatever ``force``), and
-    an existing output unless ``force`` is given and ``written_by_us(out)`` says this tool
-    wrote it: nothing but a previous export is ever replaced."""
+    an existing output unless ``written_by_us(out)`` says this tool wrote it and ``force`` is
+    given: nothing but a previous export is ever replaced. What a killed write left is
+    repaired first, so the check sees the folder the path really holds."""
     src, out = Path(src).resolve(), Path(out).resolve()
     relation = (
         "is" if out == src else "is inside" if src in out.parents
@@ -263,15 +265,21 @@ def check_output(
         raise ConversionError(
             f"output {out} {relation} the {source} {src}: choose an output folder outside it"
         )
+    if out.parent.is_dir():
+        try:
+            recover(out, log)
+        except OSError as err:
+            raise ConversionError(f"cannot repair {out} ({err}): {err.filename} is in the way")\
+                from None
     if not out.exists() and not out.is_symlink():
         return
-    if not force:
-        raise ConversionError(f"{out} already exists: pass --force to replace it")
     if not out.is_dir() or not written_by_us(out):
         raise ConversionError(
             f"{out} exists and is not a folder this tool wrote, so even --force does not "
             "replace it: remove it yourself or choose another output folder"
         )
+    if not force:
+        raise ConversionError(f"{out} already exists: pass --force to replace it")
 
 
 def is_model_folder(folder: Path) -> bool:
@@ -341,7 +349,7 @@ def dcp_to_standalone(
 ) -> ModelSpec:
     """Export a torchtitan DCP step folder to ``out_dir`` (atomically). Returns what was learnt."""
     out = Path(out_dir)
-    check_output(step_dir, out, force, "source checkpoint", is_model_folder)
+    check_output(step_dir, out, force, "source checkpoint", is_model_folder, log)
     names = read_dcp_shapes(step_dir)
     shapes = {k: m.size for k, m in names.items()}
     spec = spec or spec_from_shapes(shapes)
@@ -399,7 +407,7 @@ def standalone_to_dcp(
     from safetensors.torch import load_file
 
     out = Path(out_dir)
-    check_output(model_dir, out, force, "source model folder", is_dcp_seed)
+    check_output(model_dir, out, force, "source model folder", is_dcp_seed, log)
     try:
         config, args = read_config(model_dir)
     except ModelFolderError as err:

@@ -327,7 +327,7 @@ def paper_to_standalone(
     """Export a checkpoint of the paper's code as a standalone folder, recording its data
     convention (no BOS, EOS after each document): text prompts get no BOS."""
     out = Path(out_dir)
-    check_output(path, out, force, "source checkpoint", is_model_folder)
+    check_output(path, out, force, "source checkpoint", is_model_folder, log)
     spec, state = load_paper_model(path, spec, log)
     write_folder(state, spec, out, dtype, force, tokenizer_dir, add_bos=False, log=log)
     return spec
@@ -339,7 +339,7 @@ def paper_to_dcp(
 ) -> ModelSpec:
     """A model-only DCP seed (``checkpoint.initial_load_path``) of a paper-code checkpoint."""
     out = Path(out_dir)
-    check_output(path, out, force, "source checkpoint", is_dcp_seed)
+    check_output(path, out, force, "source checkpoint", is_dcp_seed, log)
     spec, state = load_paper_model(path, spec, log)
     # A seed holds weights only: the run that loads it builds the flavor's model as it stands.
     flavor = make_args(spec.kind, spec.flavor)

@@ -74,6 +74,8 @@ CASES = {
     "to-dcp-output-is-source": (None, ["{export}", "--to-dcp", "--force"], r"is the source"),
     "force-onto-user-folder": (None, ["{tmp}/notes", "--force"], r"notes exists and is not a "
                                r"folder this tool wrote, so even --force does not replace it"),
+    "user-folder-without-force": (None, ["{tmp}/notes"], r"notes exists and is not a folder "
+                                  r"this tool wrote, so even --force does not replace it"),
     "force-onto-training-checkpoint": (None, ["{src}", "--to-dcp", "--force"],
                                        r"step-7 exists and is not a folder this tool wrote"),
     "force-onto-model-only-training-save": (None, ["{tmp}/run/checkpoint/step-9", "--to-dcp",
@@ -174,6 +176,28 @@ def test_damaged_model_file_is_one_line_when_seeding(tmp_path, capsys):
     assert err.count("\n") == 1 and re.search(
         r"^error: cannot read .*out/model.safetensors \(.*\): convert the checkpoint again$", err)
     assert not (tmp_path / "seed").exists()
+
+
+def test_a_displaced_export_is_restored_before_the_output_is_checked(tmp_path, capsys):
+    """Where the kernel cannot exchange folders, a kill mid-replacement leaves the old export
+    in a .NAME.old-* sibling and nothing at the path: the next run restores it, then finds
+    it there (and, with --force, knows it for its own)."""
+    src = full_checkpoint(tmp_path / "step-7")
+    out = tmp_path / "export"
+    assert convert_main([str(src), str(out)]) == 0
+    exported = tree_hashes(out)
+    (tmp_path / ".export.old-x1").mkdir()
+    out.rename(tmp_path / ".export.old-x1" / "export")
+    (tmp_path / ".export.tmp-x2").mkdir()  # the new folder the kill left half written
+    capsys.readouterr()
+    assert convert_main([str(src), str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "restored" in captured.out and "removed .export.tmp-x2" in captured.out
+    assert re.search(r"^error: .*export already exists: pass --force to replace it$",
+                     captured.err.strip())
+    assert tree_hashes(out) == exported
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "step-7"]
+    assert convert_main([str(src), str(out), "--force"]) == 0
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):

@@ -30,7 +30,7 @@ def folder_to_hf(
     ``AutoModelForCausalLM.from_pretrained`` loads once ``rat_plugin.hf`` is imported. The
     tokenizer's BOS/EOS become the config's token ids (generate() stops at EOS)."""
     out = Path(out_dir)
-    check_output(model_dir, out, force, "source model folder", is_hf_folder)
+    check_output(model_dir, out, force, "source model folder", is_hf_folder, log)
     try:
         model = load(model_dir)
         tokenizer = load_tokenizer(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() \
