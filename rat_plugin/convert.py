@@ -162,13 +162,22 @@ def spec_from_config(
                 values = tomli.load(f)
         except FileNotFoundError:
             raise ConversionError(f"training config {toml_path} does not exist") from None
-        except tomli.TOMLDecodeError as err:
+        except OSError as err:  # a folder, no permission, a symlink loop
+            raise ConversionError(
+                f"cannot read training config {toml_path} ({err.strerror or err}): pass the "
+                "TOML file the run was trained with"
+            ) from None
+        except (tomli.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConversionError(f"training config {toml_path} is not valid TOML: {err}") from None
         overridden = model_name or flavor or seq_len
         source = f"config {toml_path}" + (" + command line" if overridden else "")
-    model_name = model_name or values.get("model", {}).get("name")
-    flavor = flavor or values.get("model", {}).get("flavor")
-    seq_len = seq_len if seq_len is not None else values.get("training", {}).get("seq_len")
+    model, training = (_table(values, name, toml_path) for name in ("model", "training"))
+    model_name = model_name or model.get("name")
+    flavor = flavor or model.get("flavor")
+    seq_len = seq_len if seq_len is not None else training.get("seq_len")
+    for name, value in (("[model] name", model_name), ("[model] flavor", flavor)):
+        if value is not None and not isinstance(value, str):
+            raise ConversionError(f"{name} = {value!r} in {toml_path}: give a string")
     if model_name is None and flavor is None:
         return None
     if model_name is None or flavor is None:
@@ -194,6 +203,13 @@ def spec_from_config(
             ) from None
         args.max_seq_len = seq_len
     return ModelSpec(model_name, flavor, args, source)
+
+
+def _table(values: dict, name: str, toml_path) -> dict:
+    table = values.get(name, {})
+    if not isinstance(table, dict):
+        raise ConversionError(f"{name} = {table!r} in {toml_path}: [{name}] must be a table")
+    return table
 
 
 def tokenizer_from_config(toml_path: str | os.PathLike, log=print) -> str | None:

@@ -7,6 +7,7 @@ tests/test_roundtrip_trainer.py converts checkpoints of the real trainer.
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -135,6 +136,24 @@ def test_unknown_keys_are_listed(tmp_path):
     step = save_dcp(tmp_path / "b", model_of("rat"), extra={"lm_head.weight": torch.ones(2)})
     with pytest.raises(ConversionError, match="neither RAT model weights.*: lm_head.weight"):
         dcp_to_standalone(step, tmp_path / "out", spec, **quiet)
+
+
+@pytest.mark.parametrize("make,error", [
+    (lambda p: p.mkdir(), r"cannot read training config .*train.toml \(Is a directory\): pass "
+                          r"the TOML file"),
+    (lambda p: p.symlink_to(p), r"cannot read training config .*\(Too many levels of symbolic "
+                                r"links\)"),
+    (lambda p: p.write_bytes(b"[model]\nname = '\xff'\n"), r"is not valid TOML"),
+    (lambda p: p.write_text("model = 3\n"), r"model = 3 in .*train.toml: \[model\] must be a "
+                                             r"table"),
+    (lambda p: p.write_text("[model]\nname = ['rat']\nflavor = 'debugmodel'\n"),
+     r"\[model\] name = \['rat'\] in .*train.toml: give a string"),
+], ids=["folder", "symlink-loop", "not-utf8", "model-not-a-table", "name-not-a-string"])
+def test_unreadable_training_configs_are_one_line(make, error, tmp_path):
+    make(tmp_path / "train.toml")
+    with pytest.raises(ConversionError) as info:
+        spec_from_config(tmp_path / "train.toml")
+    assert "\n" not in str(info.value) and re.search(error, str(info.value)), info.value
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):

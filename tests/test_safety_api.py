@@ -33,6 +33,8 @@ LOAD_CASES = {
     "int-dtype": (None, dict(dtype=torch.int32), ValueError, r"dtype=torch.int32 is not a "
                   r"supported model dtype: choose one of \['bf16', 'fp16', 'fp32'\]"),
     "unknown-dtype-name": (None, dict(dtype="fp8"), ValueError, r"dtype='fp8' is not a supported"),
+    "dtype-not-a-dtype": (None, dict(dtype=3), TypeError, r"dtype=3 is a int: give one of "
+                          r"\['bf16', 'fp16', 'fp32'\] or a torch dtype"),
     "unknown-device": (None, dict(device="tpu"), ValueError, r"^device='tpu': use cpu or cuda\[:N\]$"),
     "device-not-a-string": (None, dict(device=0.5), TypeError, r"device=0.5 is a float: give a "
                             r"device such as 'cpu'"),

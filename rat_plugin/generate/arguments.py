@@ -155,7 +155,9 @@ def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:
     """None, a name in DTYPES or one of their torch dtypes."""
     if dtype is None or dtype in DTYPES.values():
         return dtype
-    if isinstance(dtype, str) and dtype in DTYPES:
+    if not isinstance(dtype, (str, torch.dtype)):
+        raise _kind_error(name, dtype, f"one of {sorted(DTYPES)} or a torch dtype")
+    if dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(
         f"{_named(name, dtype)} is not a supported model dtype: choose one of "
