@@ -171,6 +171,10 @@ def read_paper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     task = ckpt["task"]
     if not isinstance(task, dict):
         raise ConversionError(f"{path}: 'task' is {task!r}, not a dict of weights")
+    unnamed = [k for k in task if not isinstance(k, str)]
+    if unnamed:
+        raise ConversionError(f"{path}: 'task' keys that are not weight names: "
+                              f"{listing(map(repr, unnamed))}")
     state = {k.replace(COMPILE_PREFIX, ""): v for k, v in task.items()}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:

@@ -201,6 +201,8 @@ BAD_SOURCES = {
     "garbage": (b"\x80\x02garbage", r"is not a torch.save checkpoint \(UnpicklingError"),
     "truncated": ("truncated", r"is not a torch.save checkpoint"),
     "no-task": ({"model": {"w": torch.ones(2)}}, r"has no 'task' weights.*\(found: model\)"),
+    "unnamed-weights": ({"task": {0: torch.ones(2), "w": torch.ones(2)}},
+                        r"'task' keys that are not weight names: 0$"),
     "untied": (spoiled("untied"), r"head.lm_head.weight differs from embedding.wte.weight"),
     "rnn": (spoiled("rnn"), r"layer 1's in_proj has 641 rows, neither RAT's 3D \+ 2Gd"),
     "bias": (spoiled("bias"), r"weights that no RAT.*has: backbone.layers.0.hidden_layer.fc1.bias"),

@@ -169,6 +169,10 @@ def test_corrupt_initial_load_path_is_refused(tmp_path):
                                       "--checkpoint.initial_load_path", str(seed)])
     with pytest.raises(ConfigError, match=r"initial_load_path=.*step-0 is corrupt: __0_0.distcp"):
         check_resume(job)
+    job.checkpoint.initial_load_in_hf = True  # a DCP folder given as Hugging Face safetensors
+    with pytest.raises(ConfigError, match=r"initial_load_path=.*step-0 holds no .safetensors "
+                       r"files, but initial_load_in_hf reads them: point it at a step folder"):
+        check_resume(job)
 
 
 def test_non_finite_loss_stops_before_backward():

@@ -92,6 +92,12 @@ def check_resume(job_config: JobConfig) -> None:
     folder = Path(job_config.job.dump_folder) / checkpoint.folder
     if not folder.is_dir():
         seed = checkpoint.initial_load_path
+        if seed and checkpoint.initial_load_in_hf and not any(Path(seed).glob("*.safetensors")):
+            raise ConfigError(
+                f"[checkpoint] initial_load_path={seed} holds no .safetensors files, but "
+                "initial_load_in_hf reads them: point it at a step folder that last_save_in_hf "
+                "wrote, or drop initial_load_in_hf for a DCP checkpoint"
+            )
         if seed and not checkpoint.initial_load_in_hf and Path(seed).is_dir():
             problem = payload_problem(Path(seed))
             if problem:
