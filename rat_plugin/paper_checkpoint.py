@@ -213,6 +213,13 @@ def map_weights(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor
             f"{where} holds weights that no RAT, RAT-SWA or attention model of the paper's code "
             f"has: {listing(unknown)}"
         )
+    rnn = [k.split(".")[1] for k in mapped
+           if k.endswith(".mixer.wg.bias") and k.replace("wg.bias", "wz.weight") not in mapped]
+    if rnn:
+        raise ConversionError(
+            f"{where}: RNN layers of the paper's code (a gate bias and a 3D-row in_proj) at "
+            f"layer(s) {', '.join(rnn)}, which no model here has (RAT layers have 3D + 2Gd rows)"
+        )
     return mapped
 
 

@@ -186,6 +186,9 @@ def spoiled(name: str):
         elif name == "rnn":
             key = "_orig_mod.backbone.layers.1.seq_layer.in_proj.weight"
             state[key] = torch.zeros(5 * 128 + 1, 128)
+        elif name == "rnn-layer":  # the paper's RNN cell: in_proj rows z, v, g and a gate bias
+            key = "_orig_mod.backbone.layers.0.seq_layer.in_proj.weight"
+            state[key] = state[key][: 3 * state[key].shape[1]]
         elif name == "bias":
             state["_orig_mod.backbone.layers.0.hidden_layer.fc1.bias"] = torch.zeros(512)
         elif name == "nan":
@@ -205,6 +208,8 @@ BAD_SOURCES = {
                         r"'task' keys that are not weight names: 0$"),
     "untied": (spoiled("untied"), r"head.lm_head.weight differs from embedding.wte.weight"),
     "rnn": (spoiled("rnn"), r"layer 1's in_proj has 641 rows, neither RAT's 3D \+ 2Gd"),
+    "rnn-layer": (spoiled("rnn-layer"), r"RNN layers of the paper's code \(a gate bias and a "
+                                        r"3D-row in_proj\) at layer\(s\) 0, which no model here"),
     "bias": (spoiled("bias"), r"weights that no RAT.*has: backbone.layers.0.hidden_layer.fc1.bias"),
     "nan": (spoiled("nan"), r"norm.weight holds a non-finite weight nan at \[3\]"),
 }
