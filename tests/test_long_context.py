@@ -192,6 +192,10 @@ def test_perplexity_tool_writes_json_and_png(small_model_dir, text_file, tmp_pat
     assert (result["length"], result["prefill"], result["windows"]) == (256, 64, 2)
     assert len(result["loss_by_position"]) == 255 and result["positions"][:2] == [1, 17]
     assert result["mean_loss"] == pytest.approx(sum(result["loss_by_position"]) / 255)
+    # Training windows of 64 tokens predicted tokens 1..64: the first 64 positions.
+    by_position = result["loss_by_position"]
+    assert result["mean_loss_within_train_length"] == pytest.approx(sum(by_position[:64]) / 64)
+    assert result["mean_loss_beyond_train_length"] == pytest.approx(sum(by_position[64:]) / 191)
 
     model, tokenizer = load(small_model_dir), load_tokenizer(small_model_dir)
     windows = token_windows(tokenizer.encode(text_file.read_text()).ids, 256, 2, bos=0)

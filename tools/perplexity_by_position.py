@@ -80,9 +80,11 @@ def evaluate(args) -> None:
                             args.windows, bos)
     losses = position_losses(model, windows, prefill, cuda_graph=args.cuda_graph)
     result = by_position(losses.cpu(), args.bucket or max(1, length // 64))
-    within = losses[:, : train_length - 1].double().mean().item()
-    beyond = (losses[:, train_length - 1:].double().mean().item()
-              if length > train_length else None)
+    # Column t predicts token t + 1 from t + 1 tokens: training windows of train_length tokens
+    # predicted tokens 1..train_length.
+    within = losses[:, :train_length].double().mean().item()
+    beyond = (losses[:, train_length:].double().mean().item()
+              if losses.shape[1] > train_length else None)
     payload = {
         "model": str(args.model),
         "text": str(args.text),
