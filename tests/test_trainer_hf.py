@@ -1,8 +1,8 @@
 """torchtitan's Hugging Face checkpoint path and the transformers export, with the real trainer
-(2 CPU ranks, FSDP2). From the shared seed, written in HF format by the writer torchtitan uses,
-a run with ``initial_load_in_hf`` and ``last_save_in_hf`` has the losses of a run from the DCP
-seed and saves the weights that run saves as DCP; the saved file reads back through the adapter;
-and the trained model exported for transformers generates what ``rat_plugin.generate`` does."""
+(2 CPU ranks, FSDP2). From the shared seed exported for transformers (``--to-hf``), a run with
+``initial_load_in_hf`` and ``last_save_in_hf`` has the losses of a run from the DCP seed and
+saves the weights that run saves as DCP; the saved file reads back through the adapter; and the
+trained model exported for transformers generates what ``rat_plugin.generate`` does."""
 
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import FileSystemReader
 
 from conftest import launch, run_main, tb_losses
 
@@ -41,14 +41,14 @@ def dcp_weights(step: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(seed_checkpoint, tmp_path_factory):
-    """The seed as HF safetensors (transformers' names for RATForCausalLM: model.<RATModel
-    name>, the tied head once), then a run from each seed."""
+    """The seed exported for transformers (``--to-hf``: save_pretrained's safetensors,
+    RATForCausalLM's names), then a run from each seed."""
     root = tmp_path_factory.mktemp("hf_runs")
     seed = seed_checkpoint("rat_debug.toml")
-    hf_state = {f"model.{k}": v for k, v in dcp_weights(seed).items() if k != "output.weight"}
-    writer = HuggingFaceStorageWriter(str(root / "hf_seed"), save_distributed=True,
-                                      enable_consolidation=True)
-    dcp.save(hf_state, storage_writer=writer, no_dist=True)
+    for argv in ([str(seed), str(root / "seed_folder"), "--config",
+                  str(REPO / "train_configs" / "rat_debug.toml")],
+                 [str(root / "seed_folder"), str(root / "hf_seed"), "--to-hf"]):
+        assert convert_main(argv) == 0
     hf = train(root / "hf", f"--checkpoint.initial_load_path={root / 'hf_seed'}",
                "--checkpoint.initial_load_in_hf", "--checkpoint.last_save_in_hf")
     reference = train(root / "dcp", f"--checkpoint.initial_load_path={seed}")

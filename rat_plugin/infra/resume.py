@@ -96,7 +96,7 @@ def check_resume(job_config: JobConfig) -> None:
             raise ConfigError(
                 f"[checkpoint] initial_load_path={seed} holds no .safetensors files, but "
                 "initial_load_in_hf reads them: point it at a step folder that last_save_in_hf "
-                "wrote, or drop initial_load_in_hf for a DCP checkpoint"
+                "wrote or a --to-hf export, or drop initial_load_in_hf for a DCP checkpoint"
             )
         if seed and not checkpoint.initial_load_in_hf and Path(seed).is_dir():
             problem = payload_problem(Path(seed))
