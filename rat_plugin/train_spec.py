@@ -208,6 +208,14 @@ def build_rat_validator(*, job_config: JobConfig, **kwargs):
     training, so the held-out loss is that of each document alone, as it will be decoded."""
     validation = job_config.validation
     check_dataset_path(validation.dataset, validation.dataset_path, "validation")
+    if validation.steps == -1 and kwargs["dp_world_size"] > 1 \
+            and kwargs["parallel_dims"].fsdp_enabled:
+        raise ConfigError(
+            f"[validation] steps = -1 reads each of the {kwargs['dp_world_size']} data-parallel "
+            "ranks' share of the split to its end; the shares end after different numbers of "
+            "batches, and under FSDP a rank that finishes waits in a collective the others never "
+            "reach: set steps to a number of batches every rank has"
+        )
     loader = None
     if document_aware(job_config):
         loader = document_packed_loader(

@@ -176,6 +176,28 @@ def test_measuring_the_waste_leaves_the_data_at_its_start(packed, streamed):
         assert torch.equal(labels, want_labels)
 
 
+def test_a_tokenizer_without_eos_is_refused_when_built(packed):
+    make, _, tokenizer = packed
+    tokenizer.eos_id = None
+    with pytest.raises(ValueError, match="the tokenizer has no EOS token, which ends each "
+                       "document and fills the gap to the next chunk"):
+        make()
+
+
+def test_resuming_a_plain_run_document_aware_is_one_line(packed, tmp_path):
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
+
+    from rat_plugin.infra import ConfigError
+
+    make, _, tokenizer = packed
+    plain = HuggingFaceTextDataset("rat_debug", str(tmp_path), tokenizer, seq_len=64)
+    next(iter(plain))
+    with pytest.raises(ConfigError, match=r"^\[rat\] document_aware = true, but the "
+                       r"checkpoint's data position was saved without it: resume with the "
+                       r"setting the run was started with"):
+        make().load_state_dict(plain.state_dict())
+
+
 def test_padding_waste_is_under_a_chunk_per_document(packed):
     make, documents, _ = packed
     padding, packed_tokens, count = make().padding_waste()

@@ -199,6 +199,18 @@ def test_missing_validation_data_names_the_setting(config, overrides, error):
         ts.build_rat_validator(job_config=job(config, *overrides))
 
 
+@pytest.mark.usefixtures("repo_cwd")
+def test_reading_the_split_to_its_end_under_fsdp_is_refused():
+    """Ranks' shares end after different numbers of batches: under FSDP the first rank done
+    would wait in the loss all-reduce while the others all-gather weights for another batch."""
+    fsdp2 = ParallelDims(dp_shard=2, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=2)
+    with pytest.raises(ConfigError, match=r"^\[validation\] steps = -1 reads each of the 2 "
+                       r"data-parallel ranks' share .*: set steps to a number of batches every "
+                       r"rank has$"):
+        ts.build_rat_validator(job_config=job("rat_debug.toml", "--validation.steps=-1"),
+                               dp_world_size=2, parallel_dims=fsdp2)
+
+
 def test_shipped_configs_validate(repo_cwd):
     for path in sorted((REPO / "train_configs").glob("*.toml")):
         validation = job(path.name).validation

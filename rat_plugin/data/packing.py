@@ -17,6 +17,8 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataset
 from torchtitan.tools.logging import logger
 
+from rat_plugin.infra import ConfigError
+
 
 class DocumentPackedDataset(HuggingFaceTextDataset):
     """torchtitan's text dataset packed document-aware; yields ``({"input": tokens,
@@ -28,6 +30,11 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
             raise ValueError(
                 f"seq_len={self.seq_len} is not a multiple of chunk_size={chunk_size}: "
                 "document-aware windows must hold whole chunks"
+            )
+        if self._tokenizer.eos_id is None:
+            raise ValueError(
+                "the tokenizer has no EOS token, which ends each document and fills the gap "
+                "to the next chunk: use a tokenizer with one"
             )
         self.chunk_size = chunk_size
         # Per buffered token: its offset in its document, and whether it may be a label.
@@ -89,6 +96,12 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
         }
 
     def load_state_dict(self, state_dict):
+        if "offset_buffer" not in state_dict:
+            raise ConfigError(
+                "[rat] document_aware = true, but the checkpoint's data position was saved "
+                "without it: resume with the setting the run was started with, or start a new "
+                "run (--checkpoint.initial_load_path) to change it"
+            )
         super().load_state_dict(state_dict)
         self._offset_buffer = state_dict["offset_buffer"]
         self._label_buffer = state_dict["label_buffer"]
