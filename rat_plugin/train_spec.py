@@ -94,7 +94,8 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
             self.scan_kernel, self.attention_kernel = rat.scan_kernel, rat.attention_kernel
         device = "cuda" if not cpu.cpu_mode() or cpu.KERNELS_AS_ON_CUDA else "cpu"
         try:
-            kernels = select_kernels(torch.device(device), self.scan_kernel, self.attention_kernel)
+            kernels = select_kernels(torch.device(device), self.scan_kernel, self.attention_kernel,
+                                     self.head_dim)
         except ValueError as e:
             raise ConfigError(f"[rat] {e}") from None
         on_cpu = cpu.cpu_mode() and not cpu.KERNELS_AS_ON_CUDA

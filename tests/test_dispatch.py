@@ -44,6 +44,16 @@ def test_selection(monkeypatch, kernels, attention, device, expected):
     assert select_kernels(device, scan="torch", attention="torch") == MixingKernels(*expected)
 
 
+def test_heads_below_16_channels_do_not_get_flex_on_cuda():
+    """inductor's flex_attention refuses head_dim < 16 (CPU's reference flex does not)."""
+    assert select_kernels(CUDA, head_dim=8) == MixingKernels("triton", "torch")
+    assert select_kernels(CUDA, head_dim=16) == MixingKernels("triton", "flex")
+    assert select_kernels(CPU, attention="flex", head_dim=8) == MixingKernels("torch", "flex")
+    with pytest.raises(ValueError, match=r"attention_kernel='flex_bf16' needs head_dim >= 16 on "
+                       r"CUDA \(inductor's flex_attention\), but heads have 8 channels"):
+        select_kernels(CUDA, attention="flex_bf16", head_dim=8)
+
+
 @pytest.mark.parametrize(
     "name,setting", [("RAT_KERNELS", "scan"), ("RAT_ATTENTION", "attention")]
 )

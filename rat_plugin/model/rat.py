@@ -65,7 +65,7 @@ class RAT(nn.Module):
         k = self.wk(u).view(batch, seq_len, self.n_groups, self.head_dim).repeat(1, 1, repeats, 1)
         forget_gate = torch.sigmoid(self.wg(u).float()).view(batch, seq_len, heads, self.head_dim)
         output_gate = torch.sigmoid(self.wz(u))
-        kernels = select_kernels(u.device, *self.kernel_choice)
+        kernels = select_kernels(u.device, *self.kernel_choice, head_dim=self.head_dim)
 
         if cache is not None and cache.filled:
             out = self._decode_step(q, k, v, forget_gate, cache)

@@ -83,7 +83,7 @@ class SlidingWindowAttention(nn.Module):
             if self.halo_attention is not None and cache is None:
                 out = self.halo_attention(q, k, v, token_pos, self.window, doc_starts)
             else:
-                kernels = select_kernels(u.device, *self.kernel_choice)
+                kernels = select_kernels(u.device, *self.kernel_choice, head_dim=self.head_dim)
                 out = kernels.window_attention(q, k, v, self.window, doc_starts)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 

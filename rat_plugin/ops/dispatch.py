@@ -29,6 +29,7 @@ KERNELS_ENV = "RAT_KERNELS"
 ATTENTION_ENV = "RAT_ATTENTION"
 SCAN_KERNELS = ("auto", "torch", "triton", "triton_autotune")
 ATTENTION_KERNELS = ("auto", "torch", "flex", "flex_bf16")
+FLEX_MIN_HEAD_DIM = 16  # inductor's flex_attention kernels refuse smaller heads
 
 
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -83,15 +84,22 @@ class MixingKernels:
 
 
 def select_kernels(
-    device: torch.device, scan: str = "auto", attention: str = "auto"
+    device: torch.device, scan: str = "auto", attention: str = "auto",
+    head_dim: int | None = None,
 ) -> MixingKernels:
     """The configured kernels (``RAT_KERNELS`` / ``RAT_ATTENTION`` override them) with ``auto``
-    resolved for tensors on ``device``."""
+    resolved for tensors on ``device`` and heads of ``head_dim`` channels."""
     scan = _override(KERNELS_ENV, scan, SCAN_KERNELS, "scan_kernel")
     attention = _override(ATTENTION_ENV, attention, ATTENTION_KERNELS, "attention_kernel")
     on_cuda = device.type == "cuda"
+    small_heads = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
     if scan == "auto":
         scan = "triton" if on_cuda else "torch"
     if attention == "auto":
-        attention = "flex" if on_cuda and scan != "torch" else "torch"
+        attention = "flex" if on_cuda and scan != "torch" and not small_heads else "torch"
+    elif attention.startswith("flex") and on_cuda and small_heads:
+        raise ValueError(
+            f"attention_kernel={attention!r} needs head_dim >= {FLEX_MIN_HEAD_DIM} on CUDA "
+            f"(inductor's flex_attention), but heads have {head_dim} channels: use auto or torch"
+        )
     return MixingKernels(scan=scan, attention=attention)

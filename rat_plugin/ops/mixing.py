@@ -72,7 +72,7 @@ def rat_mixing_with_states(
             "context-parallel pieces must hold whole chunks"
         )
     acc = accumulation_dtype(q.dtype)
-    kernels = kernels or select_kernels(q.device)
+    kernels = kernels or select_kernels(q.device, head_dim=q.shape[-1])
     k_state, v_state = kernels.chunk_scan(k, v, forget_gate, chunk_size)  # (B, T, H, d), acc
 
     cos, sin = rope_angles(chunk_ids, head_dim, rope_base, acc)  # (T, d)

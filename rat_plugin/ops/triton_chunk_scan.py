@@ -178,6 +178,7 @@ def _chunk_scan_bwd(
         )
     grad_kt, grad_vt = grad_kt.contiguous(), grad_vt.contiguous()
     k, v, forget_gate = k.contiguous(), v.contiguous(), forget_gate.contiguous()
+    kt, vt = kt.contiguous(), vt.contiguous()  # the kernel indexes (B, T, H, d) row-major
     grad_k = torch.empty_like(k)
     grad_v = torch.empty_like(v)
     grad_g = torch.empty_like(forget_gate)
