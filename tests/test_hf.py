@@ -102,6 +102,9 @@ def test_unsupported_use_is_one_line(small_model_dir, tmp_path, capsys):
         "beam search": (dict(num_beams=2), "generation mode beam_search is not supported"),
         "right padding": (dict(attention_mask=torch.tensor([[1, 1, 1, 0]])),
                           "attention_mask must be left padding"),
+        "chunked prefill": (dict(prefill_chunk_size=2), "prefill_chunk_size is not supported"),
+        "hidden states": (dict(output_hidden_states=True, return_dict_in_generate=True),
+                          "output_hidden_states is not supported"),
     }
     for name, (kwargs, message) in cases.items():
         with pytest.raises(ValueError) as info:
@@ -110,3 +113,84 @@ def test_unsupported_use_is_one_line(small_model_dir, tmp_path, capsys):
     code, _, err = run_main(convert_main, [str(small_model_dir), str(tmp_path / "hf"), "--to-hf"],
                             capsys)
     assert code == 1 and "already exists: pass --force" in err
+
+
+@pytest.fixture
+def lively(tmp_path, capsys):
+    folder = lively_folder("rat", tmp_path)
+    return folder, AutoModelForCausalLM.from_pretrained(export(folder, tmp_path / "hf", capsys))
+
+
+def test_padded_rows_without_a_cache_compute_as_alone(lively):
+    """Left and right padding in a plain forward (Trainer batches, generate(use_cache=False)):
+    every row's logits are its logits alone, from its first token."""
+    folder, model = lively
+    rows = [PROMPTS[0], PROMPTS[1], PROMPTS[1][:2]]
+    with torch.no_grad():
+        alone = [model(torch.tensor([r])).logits[0] for r in rows]
+        for side in ("left", "right"):
+            pad = [[0] * (11 - len(r)) for r in rows]
+            ids = torch.tensor([p + r if side == "left" else r + p for p, r in zip(pad, rows)])
+            mask = torch.tensor([[0] * len(p) + [1] * len(r) if side == "left" else
+                                 [1] * len(r) + [0] * len(p) for p, r in zip(pad, rows)])
+            logits = model(ids, attention_mask=mask).logits
+            for row, (p, want) in enumerate(zip(pad, alone)):
+                got = logits[row, len(p):] if side == "left" else logits[row, : 11 - len(p)]
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    uncached = model.generate(torch.tensor([[0] * 8 + PROMPTS[1], PROMPTS[0]]), max_new_tokens=6,
+                              attention_mask=torch.tensor([[0] * 8 + [1] * 3, [1] * 11]),
+                              use_cache=False, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert uncached[:, 11:].tolist() == generate(load(folder), [PROMPTS[1], PROMPTS[0]], 6).tokens
+
+
+def test_a_new_model_gets_the_rat_init(lively):
+    """transformers skips _init_weights for a module without parameters of its own (RATModel):
+    from_config must still give RATModel.init_weights, and from_pretrained the loaded weights."""
+    _, loaded = lively
+    fresh = AutoModelForCausalLM.from_config(loaded.config).model.state_dict()
+    reference = RATModel(loaded.config.to_args())
+    reference.init_weights()
+    for name, value in reference.state_dict().items():  # the same distributions
+        got = fresh[name]
+        if value.std() == 0:  # constant inits (norm gains)
+            assert torch.equal(got, value), name
+        else:
+            assert abs(got.std() - value.std()) < 0.2 * value.std(), name
+            assert abs(got.mean() - value.mean()) < 0.2 * value.std() + 1e-3, name
+    source = load(lively[0]).state_dict()
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in source.items())
+
+
+def test_loss_follows_the_trainer_through_gradient_accumulation(lively, tmp_path):
+    """The Trainer passes num_items_in_batch to a forward taking **kwargs and then does not
+    divide by the accumulation steps: the loss must be the sum over num_items_in_batch."""
+    from transformers import Trainer, TrainingArguments
+
+    _, model = lively
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids}
+            for ids in torch.randint(1, 256, (8, 12), generator=generator)]
+    logs = {}
+    for steps in (1, 4):
+        arguments = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{steps}"), per_device_train_batch_size=8 // steps,
+            gradient_accumulation_steps=steps, max_steps=1, learning_rate=0.0, logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, dataloader_drop_last=False)
+        trainer = Trainer(model=model, args=arguments, train_dataset=data)
+        trainer.train()
+        logs[steps] = next(h for h in trainer.state.log_history if "loss" in h)
+    with torch.no_grad():
+        ids = torch.stack([d["input_ids"] for d in data])
+        want = model(ids, labels=ids).loss.item()
+    for steps in (1, 4):
+        assert logs[steps]["loss"] == pytest.approx(want, rel=1e-4), steps
+    assert logs[4]["grad_norm"] == pytest.approx(logs[1]["grad_norm"], rel=1e-4)
+
+
+def test_labels_with_logits_to_keep(lively):
+    _, model = lively
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        full, kept = model(ids, labels=ids), model(ids, labels=ids, logits_to_keep=1)
+    assert kept.logits.shape == (1, 1, 256) and kept.loss == full.loss
+    torch.testing.assert_close(kept.logits[0, 0], full.logits[0, -1])

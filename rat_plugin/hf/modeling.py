@@ -31,21 +31,31 @@ class RATGenerationCache:
         return self.tokens
 
 
-def left_to_right_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
-    """(tokens right-padded, lengths) of a batch that generate() left-pads."""
-    batch, seq_len = input_ids.shape
-    if attention_mask is None:
-        return input_ids, torch.full((batch,), seq_len, device=input_ids.device)
-    lengths = attention_mask.long().sum(dim=1)
-    positions = torch.arange(seq_len, device=input_ids.device)
-    left_padded = positions[None] >= (seq_len - lengths)[:, None]
-    if not torch.equal(attention_mask.bool(), left_padded) or int(lengths.min()) < 1:
+def padding_starts(attention_mask: torch.Tensor, left_only: bool) -> tuple[torch.Tensor, ...]:
+    """(start, length) of each row's tokens: one run of 1s, after the padding (left padding,
+    what generate() makes) or, unless ``left_only``, before it or on both sides."""
+    seq_len = attention_mask.shape[1]
+    mask = attention_mask.bool()
+    lengths = mask.long().sum(dim=1)
+    positions = torch.arange(seq_len, device=mask.device)
+    starts = torch.where(mask.any(dim=1), mask.long().argmax(dim=1), 0)
+    if left_only:
+        starts = seq_len - lengths
+    expected = (positions[None] >= starts[:, None]) & (positions[None] < (starts + lengths)[:, None])
+    if not torch.equal(mask, expected) or int(lengths.min()) < 1:
         raise ValueError(
             "attention_mask must be left padding (zeros, then at least one 1 per row): "
-            "tokenize with padding_side='left'"
+            "tokenize with padding_side='left'" if left_only else
+            "attention_mask must hold one run of 1s per row (left or right padding)"
         )
-    shift = (positions[None] + (seq_len - lengths)[:, None]) % seq_len
-    return input_ids.gather(1, shift), lengths
+    return starts, lengths
+
+
+def rotate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row b of ``x`` (batch, seq, ...) moved ``shift[b]`` positions to the left, cyclically."""
+    seq_len = x.shape[1]
+    index = (torch.arange(seq_len, device=x.device)[None] + shift[:, None]) % seq_len
+    return x.gather(1, index.view(*index.shape, *[1] * (x.dim() - 2)).expand_as(x))
 
 
 class RATForCausalLM(PreTrainedModel, GenerationMixin):
@@ -62,9 +72,16 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = RATModel(config.to_args())
         self.post_init()
 
-    def _init_weights(self, module):
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        """``RATModel.init_weights`` on a new model (``from_config``, ``RATForCausalLM(config)``),
+        never over loaded weights. transformers would skip it: RATModel holds no parameter of
+        its own, so its check "all own parameters initialised" holds trivially."""
         if isinstance(module, RATModel):
-            module.init_weights()
+            if not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
+                module.init_weights()
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
 
     def get_input_embeddings(self):
         return self.model.tok_embeddings
@@ -79,6 +96,11 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ):
+        if getattr(generation_config, "prefill_chunk_size", None):
+            raise ValueError(
+                "prefill_chunk_size is not supported by RAT models: the prefill is one forward "
+                "(its memory is O(T / chunk_size) per RAT layer already); unset it"
+            )
         if generation_mode not in DECODING_MODES:
             raise ValueError(
                 f"generation mode {generation_mode.value} is not supported by RAT models: use "
@@ -100,30 +122,36 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Logits (and the next-token loss with ``labels``, -100 ignored) of ``input_ids``.
 
-        With a ``RATGenerationCache`` (what ``generate()`` passes) the first call prefills a
-        left-padded batch and returns each sequence's last logits (batch, 1, vocab); later calls
-        decode one token per sequence. Positions follow the tokens (no ``position_ids``), and
-        ``inputs_embeds`` are not supported; other keyword arguments (``use_cache``,
-        ``return_dict``, ...) change nothing.
+        Without a cache, padded rows (left or right) are computed from their first token, as
+        alone. With a ``RATGenerationCache`` (what ``generate()`` passes) the first call
+        prefills a left-padded batch and returns each sequence's last logits (batch, 1, vocab);
+        later calls decode one token per sequence. Positions follow the tokens (no
+        ``position_ids``), and ``inputs_embeds`` / hidden states / attentions are not
+        supported. The loss is the mean over labelled tokens, or their sum divided by
+        ``num_items_in_batch`` when the Trainer passes it (gradient accumulation).
         """
         unsupported = [k for k in ("position_ids", "inputs_embeds") if kwargs.get(k) is not None]
+        unsupported += [k for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)]
         if unsupported:
-            raise ValueError(f"RAT models take input_ids, not {', '.join(unsupported)}")
+            raise ValueError(f"RAT models take input_ids and return logits: "
+                             f"{', '.join(unsupported)} is not supported")
         cache = past_key_values
         if cache is not None and labels is not None:
             raise ValueError("labels need a forward without a decoding cache")
         if cache is None:
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError(
-                    "padding without a cache is not supported: run sequences of one length, "
-                    "or use generate()"
-                )
-            logits = self.model(input_ids)
-            if logits_to_keep:
-                logits = logits[:, -logits_to_keep:]
+            if attention_mask is None or bool(attention_mask.all()):
+                logits = self.model(input_ids)
+            else:  # each row from its first token, then back in place
+                starts, _ = padding_starts(attention_mask, left_only=False)
+                logits = rotate(self.model(rotate(input_ids, starts)), -starts)
         elif cache.layers is None:
-            tokens, lengths = left_to_right_padding(input_ids, attention_mask)
+            if attention_mask is None:
+                starts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+                lengths = torch.full_like(starts, input_ids.shape[1])
+            else:
+                starts, lengths = padding_starts(attention_mask, left_only=True)
             cache.layers = self.model.new_caches(lengths, cache.max_len)
+            tokens = rotate(input_ids, starts)
             logits = self.model(tokens, caches=cache.layers, logits_at=lengths - 1)[:, None]
         else:
             logits = self.model(input_ids, caches=cache.layers)
@@ -131,7 +159,13 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
             cache.tokens += input_ids.shape[1]
         loss = None
         if labels is not None:
+            items = kwargs.get("num_items_in_batch")
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                reduction="mean" if items is None else "sum",
             )
+            if items is not None:
+                loss = loss / items
+        if logits_to_keep and cache is None:
+            logits = logits[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache)
