@@ -194,3 +194,19 @@ def test_labels_with_logits_to_keep(lively):
         full, kept = model(ids, labels=ids), model(ids, labels=ids, logits_to_keep=1)
     assert kept.logits.shape == (1, 1, 256) and kept.loss == full.loss
     torch.testing.assert_close(kept.logits[0, 0], full.logits[0, -1])
+
+
+def test_resize_token_embeddings_keeps_the_head_tied(lively, tmp_path):
+    folder, model = lively
+    model.resize_token_embeddings(260)
+    assert model.model.output.weight is model.model.tok_embeddings.weight
+    assert model.config.vocab_size == model.config.to_args().vocab_size == 260
+    ids = torch.tensor([PROMPTS[1] + [258]])
+    with torch.no_grad():
+        logits = model(ids).logits
+        assert logits.shape == (1, 4, 260)
+        torch.testing.assert_close(logits[:, :3, :256], load(folder)(ids[:, :3]))
+    model.save_pretrained(tmp_path / "resized")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resized")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, logits)

@@ -89,6 +89,14 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.model.output
 
+    def set_input_embeddings(self, embeddings: torch.nn.Embedding) -> None:
+        """For ``resize_token_embeddings`` (which then ties the head to it again)."""
+        self.model.tok_embeddings = embeddings
+        self.model.args.vocab_size = embeddings.num_embeddings
+
+    def set_output_embeddings(self, head: torch.nn.Linear) -> None:
+        self.model.output = head
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # RAT keeps its own caches (RATGenerationCache)
