@@ -210,3 +210,32 @@ def test_resize_token_embeddings_keeps_the_head_tied(lively, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resized")
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, logits)
+
+
+@pytest.mark.parametrize("add_bos", [True, False], ids=["bos", "no-bos-llama-style"])
+def test_auto_tokenizer_encodes_as_the_model_was_trained(add_bos, small_model_dir, tmp_path,
+                                                         capsys):
+    """The debug tokenizer.json adds no BOS by itself, a Llama one always does: the export's
+    AutoTokenizer must follow the folder's add_bos (the paper's imports have none)."""
+    import json
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    from rat_plugin.generate import load_tokenizer
+
+    folder = tmp_path / "model"
+    shutil.copytree(small_model_dir, folder)
+    bos = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|begin_of_text|>")
+    if not add_bos:  # a Llama-style tokenizer.json, in a folder trained without BOS
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+        tokenizer.save(str(folder / "tokenizer.json"))
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "add_bos": False}))
+    text = "Once upon a time, Anna saw a dog."
+    ids = load_tokenizer(folder).encode(text, add_special_tokens=False).ids
+    hf = export(folder, tmp_path / "hf", capsys)
+    assert AutoTokenizer.from_pretrained(hf)(text).input_ids == [bos] * add_bos + ids

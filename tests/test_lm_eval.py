@@ -92,7 +92,7 @@ result = simple_evaluate(
 with open(out, "w") as f:
     json.dump({"results": result["results"], "samples": result["samples"]}, f, default=str)
 """
-ROUTES = {"rat": True, "hf": False}  # lm_eval model -> whether its texts start with BOS
+ROUTES = {"rat": True, "hf": True}  # lm_eval model -> whether its texts start with BOS
 
 
 @pytest.fixture(scope="module", params=list(ROUTES))

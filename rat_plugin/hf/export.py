@@ -48,4 +48,33 @@ def folder_to_hf(
         hf_model.save_pretrained(tmp)
         if tokenizer is not None:
             log(f"tokenizer: copied {', '.join(copy_tokenizer(model_dir, tmp))}")
+            encode_as_trained(tmp, config.add_bos, bos, log)
     log(f"wrote {out} (transformers model type {config.model_type!r}, {dtype})")
+
+
+def encode_as_trained(folder: Path, add_bos: bool, bos: int | None, log=print) -> None:
+    """Make ``AutoTokenizer`` encode text as the model was trained: BOS first exactly when the
+    folder says ``add_bos``. The tokenizer files are copies in the export; a tokenizer.json
+    without a post-processor adds nothing, and a Llama one always adds BOS."""
+    from tokenizers import Tokenizer, processors
+
+    path = folder / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(str(path))
+    adds_bos = bos is not None and tokenizer.encode("a").ids[:1] == [bos]
+    if add_bos and bos is not None and not adds_bos:
+        token = tokenizer.id_to_token(bos)
+        template = processors.TemplateProcessing(
+            single=f"{token} $A", pair=f"{token} $A {token} $B", special_tokens=[(token, bos)])
+        old = tokenizer.post_processor
+        tokenizer.post_processor = template if old is None else processors.Sequence([old, template])
+    elif not add_bos and adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    else:
+        return
+    tokenizer.save(str(path))
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():  # transformers' Llama tokenizer rebuilds its template from this
+        config = json.loads(config_path.read_text())
+        config.update(add_bos_token=add_bos, add_eos_token=False)
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    log(f"tokenizer: AutoTokenizer {'adds' if add_bos else 'adds no'} BOS, as in training")
