@@ -85,9 +85,17 @@ def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
         raise ModelFolderError(f"{folder} has no {CONFIG_FILE}: is it a converted model folder?")
     try:
         config = json.loads(path.read_text())
+        if isinstance(config, dict) and "model_type" in config and "args" not in config:
+            raise ModelFolderError(
+                f"{folder} is a transformers folder (model_type {config['model_type']!r}), not "
+                "a standalone one: load it with AutoModelForCausalLM after `import "
+                "rat_plugin.hf`, or use the folder it was exported from"
+            )
         args = RATModelArgs(**config["args"])
         if not isinstance(config.get("add_bos", True), bool):
             raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
+    except ModelFolderError:
+        raise
     except (ValueError, KeyError, TypeError) as err:
         raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
     return config, args

@@ -113,6 +113,9 @@ def test_unsupported_use_is_one_line(small_model_dir, tmp_path, capsys):
     code, _, err = run_main(convert_main, [str(small_model_dir), str(tmp_path / "hf"), "--to-hf"],
                             capsys)
     assert code == 1 and "already exists: pass --force" in err
+    with pytest.raises(ValueError, match=r"^\S*hf is a transformers folder \(model_type 'rat'\), not "
+                       r"a standalone one: load it with AutoModelForCausalLM"):
+        load(tmp_path / "hf")
 
 
 @pytest.fixture
