@@ -184,6 +184,24 @@ def test_float8_runs_track_the_fp32_losses(name, runs):
     assert_same_losses(name, FLOAT8_RUNS[name], runs)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_logs_the_fsdp_losses_and_gradient_norms(runs):
+    """DDP and FSDP 2 read the same batches from the same seed. torchtitan divides the loss by
+    the global token count, so DDP must sum gradients, not average them (a gradient norm half
+    FSDP's: clipping twice as loose, and the step of a non-scale-invariant optimizer halved)."""
+    norms = {}
+    for name, option, log in (("fsdp2", "shard", "Applied FSDP"), ("ddp2", "replicate",
+                                                                  "DDP sums the gradients")):
+        dump = runs.root / name
+        runs.losses(name, "rat_debug.toml", f"--parallelism.data_parallel_{option}_degree=2",
+                    nproc=2, expect=(log,))
+        norms[name] = (tb_losses(dump), tb_losses(dump, "grad_norm"))
+    for got, want in zip(norms["ddp2"], norms["fsdp2"]):
+        assert sorted(got) == list(range(1, STEPS + 1))
+        assert max(abs(got[s] - want[s]) for s in want) <= TOLERANCE, (got, want)
+
+
 def test_compile_with_tp_on_cpu_is_refused():
     """torch's AOTAutograd crashes in DTensor backward there (parallelize.check_compile)."""
     tp = SimpleNamespace(tp_enabled=True)

@@ -1,11 +1,12 @@
 """Apply TP, activation checkpointing, torch.compile, CP and FSDP2/HSDP to a RATModel.
 
-Order: TP -> AC -> compile -> CP hook -> FSDP (as in torchtitan's llama3). torchtitan's
+Order: TP -> AC -> compile -> CP hook -> FSDP or DDP (as in torchtitan's llama3). torchtitan's
 ``apply_ac`` and llama3's ``apply_compile`` / ``apply_ddp`` work unchanged because RATModel
 uses llama3's attribute names (``layers`` is a ModuleDict of blocks). FSDP is ours: the
 embedding is tied to the LM head, so ``tok_embeddings``, ``norm`` and ``output`` stay in the
 root unit together (torchtitan's ``apply_fsdp`` shards the embedding on its own, which would
-split the tied weight across two units).
+split the tied weight across two units). DDP gets a communication hook that sums gradients, as
+FSDP's division is disabled: the trainer divides the loss by the global token count.
 
 Compile is per block with ``fullgraph=True`` (llama3's ``apply_compile``, backend from
 ``[compile] backend``) on both paths: the GPU kernels (Triton scan, flex attention) are traceable
@@ -98,8 +99,20 @@ def parallelize_rat(model: nn.Module, parallel_dims: ParallelDims, job_config: J
         )
         logger.info(f"Applied {'HSDP' if parallel_dims.dp_replicate_enabled else 'FSDP'}")
     elif parallel_dims.dp_replicate_enabled:
-        apply_ddp(model, parallel_dims.get_mesh("dp_replicate"), enable_compile=compile_model)
+        dp_mesh = parallel_dims.get_mesh("dp_replicate")
+        apply_ddp(model, dp_mesh, enable_compile=compile_model)
+        # The trainer divides the loss by the global token count already (FSDP's own division
+        # is disabled for that reason): DDP must sum the gradients, not average them again.
+        model.register_comm_hook(dp_mesh.get_group(), allreduce_sum)
+        logger.info("DDP sums the gradients (the loss is already divided by the global tokens)")
     return model
+
+
+def allreduce_sum(group, bucket):
+    """DDP communication hook: the sum of the ranks' gradients (DDP's default divides it by the
+    number of ranks)."""
+    work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
 
 
 def check_compile(parallel_dims: ParallelDims, backend: str) -> None:
