@@ -42,9 +42,10 @@ from rat_plugin.data.tokenizer import (
 from rat_plugin.infra import ConfigError, cpu
 from rat_plugin.infra.errors import one_line_excepthook
 from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
-from rat_plugin.infra.job import check_model_name, launched_job
+from rat_plugin.infra.job import check_launch, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
 from rat_plugin.infra.resume import check_resume
+from rat_plugin.infra.settings import check_settings
 from rat_plugin.infra.validate import RATValidator
 from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
@@ -64,15 +65,7 @@ class RATTitanArgs(RATModelArgs, BaseModelArgs):
             self.check_seq_len(seq_len)
         except ValueError as e:
             raise ConfigError(f"[training] {e}") from None
-        cp = job_config.parallelism.context_parallel_degree
-        if cp > 1 and self.mixer == "rat":
-            pieces = 2 * cp if job_config.parallelism.context_parallel_load_balancer == "headtail" \
-                else cp
-            if seq_len % (pieces * self.chunk_size):
-                raise ConfigError(
-                    f"[training] seq_len={seq_len} must split into {pieces} context-parallel "
-                    f"pieces of whole chunks: use a multiple of {pieces * self.chunk_size}"
-                )
+        check_settings(job_config, self.mixer, self.chunk_size)
         self.max_seq_len = seq_len
         self.choose_kernels(job_config)
         path = job_config.model.hf_assets_path
@@ -288,4 +281,4 @@ for _kind in MODEL_KINDS:
     register_train_spec(_kind, get_train_spec(_kind))
 _job = launched_job()
 if _job is not None:
-    check_model_name(_job)
+    check_launch(_job)

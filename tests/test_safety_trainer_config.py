@@ -21,7 +21,8 @@ import rat_plugin.train_spec as ts
 from conftest import REPO, launch
 from rat_plugin.data.tokenizer import read_tokenizer
 from rat_plugin.infra import ConfigError
-from rat_plugin.infra.job import check_model_name
+from rat_plugin.infra.job import check_launch
+from rat_plugin.infra.settings import check_settings
 
 DEBUG_TOML = REPO / "train_configs" / "rat_debug.toml"
 
@@ -61,7 +62,7 @@ def sparse_ids_tokenizer(tmp_path: Path) -> Path:
 def trainer_setup(config: Path, *overrides: str) -> None:
     """What torchtitan's Trainer.__init__ runs with the plugin before any training."""
     job = ConfigManager().parse_args(["--job.config_file", str(config), *overrides])
-    check_model_name(job)  # what importing rat_plugin.train_spec checks in a trainer process
+    check_launch(job)  # what importing rat_plugin.train_spec checks in a trainer process
     spec = get_train_spec(job.model.name)
     spec.build_tokenizer_fn(job)
     args = ts.RATTitanArgs(**vars(spec.model_args[job.model.flavor]))  # a copy: it is updated
@@ -101,6 +102,35 @@ CASES = {
         r"^\[model\] hf_assets_path: .*tokenizer_config.json is not valid JSON"),
     "missing-tokenizer": (lambda tmp: (DEBUG_TOML, ["--model.hf_assets_path", str(tmp / "nope")]),
                           r"no tokenizer.json in .*nope.*: set \[model\] hf_assets_path"),
+    # Settings torchtitan takes that would train wrongly or fail late (infra/settings.py, job.py).
+    "clipping-zero": (lambda tmp: (DEBUG_TOML, ["--training.max_norm", "0"]),
+                      r"^\[training\] max_norm=0.0: torchtitan scales gradients by max_norm / "
+                      r"norm, so this zeroes them .*: use a positive norm, or a large one"),
+    "clipping-negative": (lambda tmp: (DEBUG_TOML, ["--training.max_norm", "-1"]),
+                          r"max_norm=-1.0: .* so this reverses them"),
+    "cp-balancer-ptrr": (lambda tmp: (DEBUG_TOML, ["--parallelism.context_parallel_degree", "2",
+                                                   "--parallelism.context_parallel_load_balancer",
+                                                   "ptrr"]),
+                         r"^\[parallelism\] context_parallel_load_balancer='ptrr': RAT's context "
+                         r"parallel splits sequences 'headtail' \(the default\) or contiguously"),
+    "cp-validation-seq-len": (lambda tmp: (DEBUG_TOML, ["--parallelism.context_parallel_degree",
+                                                        "2", "--validation.seq_len", "48"]),
+                              r"^\[validation\] seq_len=48 must split into 4 context-parallel "
+                              r"pieces of whole chunks: use a multiple of 64$"),
+    "pinned-async-checkpoint-on-cpu": (
+        lambda tmp: (DEBUG_TOML, ["--checkpoint.enable", "--checkpoint.async_mode",
+                                  "async_with_pinned_mem"]),
+        r"async_mode='async_with_pinned_mem' needs CUDA .*: on CPU ranks use 'async'"),
+    "float8-with-tp-on-cpu": (
+        lambda tmp: (DEBUG_TOML, ["--model.converters", "quantize.linear.float8",
+                                  "--parallelism.tensor_parallel_degree", "2"]),
+        r"converters='quantize.linear.float8' with tensor_parallel_degree > 1 cannot run on CPU "
+        r"ranks \(gloo has no float8 collectives\)"),
+    "pipeline-parallel": (lambda tmp: (DEBUG_TOML, ["--parallelism.pipeline_parallel_degree", "2"]),
+                          r"^\[parallelism\] pipeline_parallel_degree=2: RAT models have no "
+                          r"pipeline plan"),
+    "cpu-offload-on-cpu": (lambda tmp: (DEBUG_TOML, ["--training.enable_cpu_offload"]),
+                           r"^\[training\] enable_cpu_offload = true on CPU ranks"),
 }
 
 
@@ -118,6 +148,18 @@ def test_bad_job_is_a_one_line_config_error(case, tmp_path, debug_assets, monkey
 def test_a_sound_job_passes(debug_assets, monkeypatch):
     monkeypatch.chdir(REPO)
     trainer_setup(DEBUG_TOML)
+
+
+def test_settings_the_plugin_completes():
+    """float8 keeps RAT's grouped wq/wk and the tied head in high precision whatever the TOML
+    filters (the README's promise), and a TOML's "None" balancer is None (TOML has no None)."""
+    job = ConfigManager().parse_args([
+        "--job.config_file", str(DEBUG_TOML), "--model.converters", "quantize.linear.float8",
+        "--quantize.linear.float8.filter_fqns", "w3", "--parallelism.context_parallel_degree",
+        "2", "--parallelism.context_parallel_load_balancer", "None "])
+    check_settings(job, "rat", 16)
+    assert job.quantize.linear.float8.filter_fqns == ["w3", "output", "mixer.wq", "mixer.wk"]
+    assert job.parallelism.context_parallel_load_balancer is None
 
 
 def run_plugin_trainer(dump: Path, config: Path, *overrides: str):

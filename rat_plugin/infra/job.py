@@ -3,7 +3,8 @@
 The trainer imports the plugin (``[experimental] custom_import``) after parsing the job and
 before looking up its train spec, so a missing or unknown ``[model] name`` (torchtitan then
 builds llama3, or says only "not registered") can be caught here, at import: the job is the
-trainer's own command line, parsed again. Outside a trainer process nothing is checked.
+trainer's own command line, parsed again. So can settings that fail before the model args see
+the job (``infra/settings.py`` checks the rest). Outside a trainer process nothing is checked.
 """
 
 import sys
@@ -11,7 +12,7 @@ import sys
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.config.job_config import Model
 
-from rat_plugin.infra import ConfigError
+from rat_plugin.infra import ConfigError, cpu
 from rat_plugin.model.args import MODEL_KINDS
 
 TRAINER_MODULES = ("torchtitan.train", "rat_plugin.train")
@@ -35,3 +36,18 @@ def check_model_name(job_config: JobConfig) -> None:
         f"{sorted(MODEL_KINDS)} (--model.name), or drop custom_import = "
         '"rat_plugin.train_spec" to train other models'
     )
+
+
+def check_launch(job_config: JobConfig) -> None:
+    """What the trainer would fail on deep inside, before update_from_config runs."""
+    check_model_name(job_config)
+    if job_config.parallelism.pipeline_parallel_degree > 1:
+        raise ConfigError(
+            f"[parallelism] pipeline_parallel_degree={job_config.parallelism.pipeline_parallel_degree}"
+            ": RAT models have no pipeline plan; use data, tensor or context parallelism"
+        )
+    if cpu.cpu_mode() and job_config.training.enable_cpu_offload:
+        raise ConfigError(
+            "[training] enable_cpu_offload = true on CPU ranks: the weights are in host memory "
+            "already; set it to false"
+        )

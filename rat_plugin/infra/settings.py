@@ -1,0 +1,75 @@
+"""torchtitan settings that would train RAT wrongly, or fail only after training started, checked
+when the trainer hands the job to the model args (``update_from_config``), before anything is
+built. One completed instead: float8 keeps RAT's small and tied projections in high precision.
+"""
+
+from torchtitan.config import JobConfig
+from torchtitan.tools.logging import logger
+
+from rat_plugin.infra import ConfigError, cpu
+from rat_plugin.infra.float8 import FLOAT8_FILTER_FQNS
+
+FLOAT8_CONVERTER = "quantize.linear.float8"
+
+
+def check_settings(job_config: JobConfig, mixer: str, chunk_size: int) -> None:
+    _check_clipping(job_config.training.max_norm)
+    _check_context_parallel(job_config, mixer, chunk_size)
+    if cpu.cpu_mode() and job_config.checkpoint.enable \
+            and job_config.checkpoint.async_mode == "async_with_pinned_mem":
+        raise ConfigError(
+            "[checkpoint] async_mode='async_with_pinned_mem' needs CUDA (pinned host memory and "
+            "non-blocking copies): on CPU ranks use 'async' or 'disabled'"
+        )
+    if FLOAT8_CONVERTER in job_config.model.converters:
+        _complete_float8(job_config)
+
+
+def _check_clipping(max_norm: float) -> None:
+    if max_norm <= 0:
+        effect = "zeroes" if max_norm == 0 else "reverses"
+        raise ConfigError(
+            f"[training] max_norm={max_norm}: torchtitan scales gradients by max_norm / norm, "
+            f"so this {effect} them (it has no 'off' value): use a positive norm, or a large one "
+            "such as 1e9 to clip nothing"
+        )
+
+
+def _check_context_parallel(job_config: JobConfig, mixer: str, chunk_size: int) -> None:
+    parallelism = job_config.parallelism
+    balancer = parallelism.context_parallel_load_balancer
+    if isinstance(balancer, str) and balancer.strip().lower() in ("none", ""):
+        parallelism.context_parallel_load_balancer = balancer = None  # TOML cannot say None
+    if balancer not in (None, "headtail"):
+        raise ConfigError(
+            f"[parallelism] context_parallel_load_balancer={balancer!r}: RAT's context parallel "
+            "splits sequences 'headtail' (the default) or contiguously ('None')"
+        )
+    cp = parallelism.context_parallel_degree
+    if cp == 1 or mixer != "rat":
+        return
+    pieces = 2 * cp if balancer == "headtail" else cp
+    sections = [("training", job_config.training.seq_len)]
+    if job_config.validation.enable:
+        sections.append(("validation", job_config.validation.seq_len))
+    for section, seq_len in sections:
+        if seq_len % (pieces * chunk_size):
+            raise ConfigError(
+                f"[{section}] seq_len={seq_len} must split into {pieces} context-parallel pieces "
+                f"of whole chunks: use a multiple of {pieces * chunk_size}"
+            )
+
+
+def _complete_float8(job_config: JobConfig) -> None:
+    if cpu.cpu_mode() and job_config.parallelism.tensor_parallel_degree > 1:
+        raise ConfigError(
+            f"[model] converters={FLOAT8_CONVERTER!r} with tensor_parallel_degree > 1 cannot run "
+            "on CPU ranks (gloo has no float8 collectives): drop one of them here; on GPUs the "
+            "combination is untested"
+        )
+    float8 = job_config.quantize.linear.float8
+    missing = [fqn for fqn in FLOAT8_FILTER_FQNS if fqn not in float8.filter_fqns]
+    if missing:
+        float8.filter_fqns = [*float8.filter_fqns, *missing]
+        logger.info(f"float8: keeping {', '.join(missing)} in high precision (filter_fqns is now "
+                    f"{float8.filter_fqns})")
