@@ -126,6 +126,22 @@ CASES = {
                                   "--parallelism.tensor_parallel_degree", "2"]),
         r"converters='quantize.linear.float8' with tensor_parallel_degree > 1 cannot run on CPU "
         r"ranks \(gloo has no float8 collectives\)"),
+    "selective-ac-option": (lambda tmp: (DEBUG_TOML, ["--activation_checkpoint.mode",
+                                                      "selective",
+                                                      "--activation_checkpoint.selective_ac_option",
+                                                      "foo"]),
+                            r"^\[activation_checkpoint\] selective_ac_option='foo': give 'op'"),
+    "memory-budget-without-compile": (
+        lambda tmp: (DEBUG_TOML, ["--activation_checkpoint.mode", "memory_budget"]),
+        r"mode='memory_budget' is a compiler pass: set \[compile\] enable = true"),
+    "async-tp-without-compile": (
+        lambda tmp: (DEBUG_TOML, ["--parallelism.tensor_parallel_degree", "2",
+                                  "--parallelism.enable_async_tensor_parallel"]),
+        r"enable_async_tensor_parallel needs compiled blocks on CUDA"),
+    "float8-without-emulate-on-cpu": (
+        lambda tmp: (DEBUG_TOML, ["--model.converters", "quantize.linear.float8"]),
+        r"converters='quantize.linear.float8' needs an SM89\+ GPU, or "
+        r"--quantize.linear.float8.emulate without compiled blocks"),
     "pipeline-parallel": (lambda tmp: (DEBUG_TOML, ["--parallelism.pipeline_parallel_degree", "2"]),
                           r"^\[parallelism\] pipeline_parallel_degree=2: RAT models have no "
                           r"pipeline plan"),
@@ -155,7 +171,7 @@ def test_settings_the_plugin_completes():
     filters (the README's promise), and a TOML's "None" balancer is None (TOML has no None)."""
     job = ConfigManager().parse_args([
         "--job.config_file", str(DEBUG_TOML), "--model.converters", "quantize.linear.float8",
-        "--quantize.linear.float8.filter_fqns", "w3", "--parallelism.context_parallel_degree",
+        "--quantize.linear.float8.emulate", "--quantize.linear.float8.filter_fqns", "w3", "--parallelism.context_parallel_degree",
         "2", "--parallelism.context_parallel_load_balancer", "None "])
     check_settings(job, "rat", 16)
     assert job.quantize.linear.float8.filter_fqns == ["w3", "output", "mixer.wq", "mixer.wk"]

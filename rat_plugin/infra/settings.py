@@ -3,6 +3,7 @@ when the trainer hands the job to the model args (``update_from_config``), befor
 built. One completed instead: float8 keeps RAT's small and tied projections in high precision.
 """
 
+import torchtitan.components.quantization.float8 as titan_float8
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
@@ -15,6 +16,7 @@ FLOAT8_CONVERTER = "quantize.linear.float8"
 def check_settings(job_config: JobConfig, mixer: str, chunk_size: int) -> None:
     _check_clipping(job_config.training.max_norm)
     _check_context_parallel(job_config, mixer, chunk_size)
+    _check_compile_dependent(job_config)
     if cpu.cpu_mode() and job_config.checkpoint.enable \
             and job_config.checkpoint.async_mode == "async_with_pinned_mem":
         raise ConfigError(
@@ -60,6 +62,30 @@ def _check_context_parallel(job_config: JobConfig, mixer: str, chunk_size: int) 
             )
 
 
+def _check_compile_dependent(job_config: JobConfig) -> None:
+    """Settings torchtitan checks only while it builds the model (a traceback there)."""
+    ac = job_config.activation_checkpoint
+    if ac.mode == "selective" and ac.selective_ac_option != "op" \
+            and not (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) >= 1):
+        raise ConfigError(
+            f"[activation_checkpoint] selective_ac_option={ac.selective_ac_option!r}: give 'op' "
+            "(save matmuls and attention) or N >= 1 (checkpoint every N-th block)"
+        )
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    if ac.mode == "memory_budget" and not compiled:
+        raise ConfigError(
+            "[activation_checkpoint] mode='memory_budget' is a compiler pass: set [compile] "
+            "enable = true with 'model' in components, or use mode 'selective'"
+        )
+    parallelism = job_config.parallelism
+    if parallelism.enable_async_tensor_parallel and parallelism.tensor_parallel_degree > 1 \
+            and (not compiled or cpu.cpu_mode()):
+        raise ConfigError(
+            "[parallelism] enable_async_tensor_parallel needs compiled blocks on CUDA ([compile] "
+            "enable = true with 'model' in components; not on CPU ranks): set it to false"
+        )
+
+
 def _complete_float8(job_config: JobConfig) -> None:
     if cpu.cpu_mode() and job_config.parallelism.tensor_parallel_degree > 1:
         raise ConfigError(
@@ -68,6 +94,14 @@ def _complete_float8(job_config: JobConfig) -> None:
             "combination is untested"
         )
     float8 = job_config.quantize.linear.float8
+    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    # torchtitan's own condition (looked up now: the dry run lifts the GPU check).
+    if not titan_float8.has_cuda_capability(8, 9) and not (float8.emulate and not compiled):
+        raise ConfigError(
+            f"[model] converters={FLOAT8_CONVERTER!r} needs an SM89+ GPU, or "
+            "--quantize.linear.float8.emulate without compiled blocks (torchao's float8 matmuls "
+            "run on CPU ranks either way; the flag gets past torchtitan's GPU check)"
+        )
     missing = [fqn for fqn in FLOAT8_FILTER_FQNS if fqn not in float8.filter_fqns]
     if missing:
         float8.filter_fqns = [*float8.filter_fqns, *missing]
