@@ -37,6 +37,7 @@ from torchtitan.models.llama3.infra.parallelize import (
 from torchtitan.tools.logging import logger
 
 from rat_plugin.infra import ConfigError, cpu
+from rat_plugin.infra.settings import compiles_model
 
 # Selective op AC keeps these outputs (and every other matmul) instead of recomputing them:
 # torchtitan llama3's list, with flex_attention (RAT's summary attention and SWA on GPUs).
@@ -53,7 +54,7 @@ _OP_SAC_SAVE_LIST = {
 
 def parallelize_rat(model: nn.Module, parallel_dims: ParallelDims, job_config: JobConfig):
     """torchtitan ``parallelize_fn`` for the RAT family (model on meta, weights not yet init)."""
-    compile_model = job_config.compile.enable and "model" in job_config.compile.components
+    compile_model = compiles_model(job_config)
     if compile_model:
         check_compile(parallel_dims, job_config.compile.backend)
 

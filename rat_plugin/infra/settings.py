@@ -13,6 +13,11 @@ from rat_plugin.infra.float8 import FLOAT8_FILTER_FQNS
 FLOAT8_CONVERTER = "quantize.linear.float8"
 
 
+def compiles_model(job_config: JobConfig) -> bool:
+    """Whether torchtitan compiles the model's blocks (``[compile]`` with "model")."""
+    return job_config.compile.enable and "model" in job_config.compile.components
+
+
 def check_settings(job_config: JobConfig, mixer: str, chunk_size: int) -> None:
     _check_clipping(job_config.training.max_norm)
     _check_context_parallel(job_config, mixer, chunk_size)
@@ -71,7 +76,7 @@ def _check_compile_dependent(job_config: JobConfig) -> None:
             f"[activation_checkpoint] selective_ac_option={ac.selective_ac_option!r}: give 'op' "
             "(save matmuls and attention) or N >= 1 (checkpoint every N-th block)"
         )
-    compiled = job_config.compile.enable and "model" in job_config.compile.components
+    compiled = compiles_model(job_config)
     if ac.mode == "memory_budget" and not compiled:
         raise ConfigError(
             "[activation_checkpoint] mode='memory_budget' is a compiler pass: set [compile] "
@@ -94,9 +99,9 @@ def _complete_float8(job_config: JobConfig) -> None:
             "combination is untested"
         )
     float8 = job_config.quantize.linear.float8
-    compiled = job_config.compile.enable and "model" in job_config.compile.components
     # torchtitan's own condition (looked up now: the dry run lifts the GPU check).
-    if not titan_float8.has_cuda_capability(8, 9) and not (float8.emulate and not compiled):
+    if not titan_float8.has_cuda_capability(8, 9) \
+            and not (float8.emulate and not compiles_model(job_config)):
         raise ConfigError(
             f"[model] converters={FLOAT8_CONVERTER!r} needs an SM89+ GPU, or "
             "--quantize.linear.float8.emulate without compiled blocks (torchao's float8 matmuls "
