@@ -31,16 +31,18 @@ class RATGenerationCache:
         return self.tokens
 
 
-def padding_starts(attention_mask: torch.Tensor, left_only: bool) -> tuple[torch.Tensor, ...]:
+def padding_starts(input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                   left_only: bool) -> tuple[torch.Tensor, ...]:
     """(start, length) of each row's tokens: one run of 1s, after the padding (left padding,
     what generate() makes) or, unless ``left_only``, before it or on both sides."""
-    seq_len = attention_mask.shape[1]
+    batch, seq_len = input_ids.shape
+    if attention_mask is None:
+        starts = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        return starts, torch.full_like(starts, seq_len)
     mask = attention_mask.bool()
     lengths = mask.long().sum(dim=1)
     positions = torch.arange(seq_len, device=mask.device)
-    starts = torch.where(mask.any(dim=1), mask.long().argmax(dim=1), 0)
-    if left_only:
-        starts = seq_len - lengths
+    starts = seq_len - lengths if left_only else mask.long().argmax(dim=1)
     expected = (positions[None] >= starts[:, None]) & (positions[None] < (starts + lengths)[:, None])
     if not torch.equal(mask, expected) or int(lengths.min()) < 1:
         raise ValueError(
@@ -150,14 +152,10 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
             if attention_mask is None or bool(attention_mask.all()):
                 logits = self.model(input_ids)
             else:  # each row from its first token, then back in place
-                starts, _ = padding_starts(attention_mask, left_only=False)
+                starts, _ = padding_starts(input_ids, attention_mask, left_only=False)
                 logits = rotate(self.model(rotate(input_ids, starts)), -starts)
         elif cache.layers is None:
-            if attention_mask is None:
-                starts = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
-                lengths = torch.full_like(starts, input_ids.shape[1])
-            else:
-                starts, lengths = padding_starts(attention_mask, left_only=True)
+            starts, lengths = padding_starts(input_ids, attention_mask, left_only=True)
             cache.layers = self.model.new_caches(lengths, cache.max_len)
             tokens = rotate(input_ids, starts)
             logits = self.model(tokens, caches=cache.layers, logits_at=lengths - 1)[:, None]
