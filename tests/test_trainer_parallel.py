@@ -193,10 +193,10 @@ def test_ddp_logs_the_fsdp_losses_and_gradient_norms(runs):
     norms = {}
     for name, option, log in (("fsdp2", "shard", "Applied FSDP"), ("ddp2", "replicate",
                                                                   "DDP sums the gradients")):
-        dump = runs.root / name
-        runs.losses(name, "rat_debug.toml", f"--parallelism.data_parallel_{option}_degree=2",
-                    nproc=2, expect=(log,))
-        norms[name] = (tb_losses(dump), tb_losses(dump, "grad_norm"))
+        losses = runs.losses(name, "rat_debug.toml",
+                             f"--parallelism.data_parallel_{option}_degree=2", nproc=2,
+                             expect=(log,))
+        norms[name] = (losses["training"], tb_losses(runs.root / name, "grad_norm"))
     for got, want in zip(norms["ddp2"], norms["fsdp2"]):
         assert sorted(got) == list(range(1, STEPS + 1))
         assert max(abs(got[s] - want[s]) for s in want) <= TOLERANCE, (got, want)
