@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _eval_common as common  # noqa: E402
 
 from rat_plugin.convert import output_folder  # noqa: E402
-from rat_plugin.eval.local_tasks import TaskDataError  # noqa: E402
+from rat_plugin.eval.local_tasks import TASKS_DIR  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "rat_plugin" / "eval" / "tasks"
 RESULT = "scores.json"
 HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from rat_plugin.data.templates import render
 from rat_plugin.eval import longbench, ruler
 
+TASKS_DIR = Path(__file__).parent / "tasks"  # the YAMLs: lm_eval's --include_path
 LONGQA_DIR = "assets/data/rat_longqa"
 RULER_LENGTHS = tuple(2**k for k in range(6, 18))  # the lengths the niah YAMLs report: 64..128K
 
