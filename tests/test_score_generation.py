@@ -113,9 +113,8 @@ def test_a_long_prompt_is_cut_in_the_middle_to_the_budget(small_model_dir, monke
                         lambda model, prompts, *a, **k: seen.append(prompts) or real(
                             model, prompts, *a, **k))
     short = "Anna saw"
-    (got, got_short) = lm.generate_until([SimpleNamespace(args=(t, {"max_gen_toks": 8,
-                                                                   "until": []}))
-                                          for t in (text, short)])
+    options = {"max_gen_toks": 8, "until": []}
+    got, _ = lm.generate_until([SimpleNamespace(args=(t, options)) for t in (text, short)])
     assert seen == [[want], [[bos] + tokenizer.encode(short, add_special_tokens=False).ids]]
     assert len(want) == budget
     model = load(small_model_dir)
@@ -279,12 +278,14 @@ def test_the_rat_route_answers_are_the_greedy_continuations_of_the_cut_prompts(
                (local_data / "longqa" / "test.jsonl").read_text().splitlines()]
     generations = [s["generation"] for s in read_samples(routes["rat"])
                    if s["task"] == "rat_longqa"]
+
+    def answer(prompt: list[int]) -> str:  # the task stops at a newline
+        return tokenizer.decode(greedy(model, prompt, 8, eos)).split("\n")[0]
+
     left_cut = []
     for record, generation in zip(records, generations):
         ids = [bos] + tokenizer.encode(render("rat_longqa", record), add_special_tokens=False).ids
         assert len(ids) > 512 - 8  # cut: 252 first and 252 last tokens kept
-        answer = lambda prompt: tokenizer.decode(  # noqa: E731  (the task stops at a newline)
-            greedy(model, prompt, 8, eos)).split("\n")[0]
         assert generation == answer(ids[:252] + ids[-252:])
         left_cut.append(answer(ids[-504:]))
     assert left_cut != generations  # the model answers differently when the start is lost
@@ -294,8 +295,8 @@ def test_the_rat_route_answers_are_the_greedy_continuations_of_the_cut_prompts(
     (["--tasks", "longbench_nope"], r"error: unknown task longbench_nope: the offline tasks "
                                     r"are longbench_2wikimqa, .* and the tags .*ruler_niah"),
     (["--max-length", "0"], r"error: argument --max-length: invalid whole number >= 1 value: '0'"),
-    (["--max-gen-toks", "512", "--tasks", "rat_longqa"], r"error: max_gen_toks=512 leaves no room for a prompt within "
-                                r"max_length=512"),
+    (["--max-gen-toks", "512", "--tasks", "rat_longqa"],
+     r"error: max_gen_toks=512 leaves no room for a prompt within max_length=512"),
     (["--longbench-dir", "/nonexistent"], r"error: longbench_narrativeqa: "
                                           r"/nonexistent/narrativeqa.jsonl not found"),
     (["--ruler-lengths", "1024"], r"error: niah_single_1: max_seq_lengths \[1024\] exceed "

@@ -126,8 +126,10 @@ class Generator:
         """``count`` samples of at most ``length`` tokens with the answer's room, each with as
         much haystack as fits (``units`` found by bisection on the first, shrunk per sample)."""
         budget = length - self.tokens_to_generate
-        fits = lambda units, index: self.tokens(  # noqa: E731
-            self.sample(units, random.Random(seed + index))) <= budget
+
+        def fits(units: int, index: int) -> bool:
+            return self.tokens(self.sample(units, random.Random(seed + index))) <= budget
+
         if not fits(1, 0):
             raise ValueError(
                 f"length {length} holds no prompt of this task with {self.tokens_to_generate} "
