@@ -235,9 +235,9 @@ class MiddleCutHFLM(HFLM):
                          left_truncate_len: int | None = None, truncation: bool = False):
         if not left_truncate_len:
             return super().tok_batch_encode(strings, padding_side, None, truncation)
-        rows = [middle_truncate(super(MiddleCutHFLM, self).tok_batch_encode(
-            [s], padding_side, None, truncation)[0][0].tolist(), left_truncate_len)
-            for s in strings]
+        encode = super().tok_batch_encode  # one string: no padding, nothing cut
+        rows = [middle_truncate(encode([s], padding_side, None, truncation)[0][0].tolist(),
+                                left_truncate_len) for s in strings]
         longest = max(map(len, rows))
         ids = torch.full((len(rows), longest), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
