@@ -459,7 +459,11 @@ def check_make(args: list[str], env: dict[str, str]) -> None:
         if name and name.group(1) not in variables:
             raise CommandError(f"make {arg}: the Makefile has no variable {name.group(1)} "
                                f"(it has {', '.join(sorted(variables))})")
-    result = subprocess.run(["make", "-n", *args], cwd=REPO, env=os.environ | env,
+    # A make of our own, not a sub-make of the one running the tests (`make test` in CI): a
+    # sub-make prefixes "make[1]:" and prints the directories it enters.
+    outer = {"MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKE_TERMOUT", "MAKE_TERMERR"}
+    clean = {k: v for k, v in os.environ.items() if k not in outer}
+    result = subprocess.run(["make", "-n", *args], cwd=REPO, env=clean | env,
                             capture_output=True, text=True, timeout=60)
     if result.returncode != 0:
         raise CommandError(f"make -n {' '.join(args)}: {result.stderr.strip()}")
