@@ -79,6 +79,14 @@ def test_install_refuses_two_versions_and_empty_folders(tmp_path):
     assert not (tmp_path / "target").exists()
 
 
+def test_install_refuses_wheels_for_another_python(tmp_path):
+    other = "multiprocess-0.70.19-py27-none-any.whl"  # a folder made for another interpreter
+    folder = fake_wheels(tmp_path / "whl", "tyro-1.0.17-py3-none-any.whl", other)
+    with pytest.raises(WheelError, match="make gpu-wheels") as err:
+        install(folder, tmp_path / "target")
+    assert f"{other} is not a supported wheel" in one_line(err)
+
+
 def test_a_failed_install_is_one_line_naming_the_folder_and_the_fix(tmp_path):
     folder = fake_wheels(tmp_path / "whl", "tyro-1.0.17-py3-none-any.whl")  # not a zip
     with pytest.raises(WheelError, match="make gpu-wheels") as err:

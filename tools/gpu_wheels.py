@@ -10,12 +10,13 @@ wheel's size and the total, and fails above 40 MiB (the old folder stays).
 
 ``install(wheel_dir, target)`` (on the node, offline) runs ``pip install --no-index --no-deps``
 of those wheels into ``target`` with the current interpreter: the node's torch, triton and CUDA
-libraries are never touched, and a folder holding any of them, or two versions of one package,
-is refused. ``missing_requirements(target)`` lists what the installed wheels need that neither
-``target`` nor the interpreter has (the node's view of the pin file's promise).
+libraries are never touched, and a folder holding any of them or two versions of one package is
+refused (pip refuses a wheel built for another Python). ``missing_requirements(target)`` lists
+what the installed wheels need that neither ``target`` nor the interpreter has.
 
-Imports only the standard library at module level: the GPU check imports it first, on a node
-whose packages are still unknown.
+``smoke`` then uses them as the check's stages do (imports, config parse, a dataset).
+
+Imports only the standard library at module level: the GPU check imports it first.
 """
 
 import argparse
