@@ -141,7 +141,7 @@ def node_view(folder: Path) -> Path:
     """A folder of symlinks to this interpreter's packages that the node has, and no others."""
     names = node_distributions()
     assert not names & set(gpu_wheels.read_pins()), "a node package needs a carried one"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     for name in sorted(names):
         try:
             dist = metadata.distribution(name)
@@ -163,7 +163,9 @@ def test_carried_wheels_are_all_a_node_needs_for_the_trainer(tmp_path):
     env = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False, system_site_packages=False).create(env)
     site = next((env / "lib").glob("python3*/site-packages"))
-    (site / "node.pth").write_text(f"{node_view(tmp_path / 'node')}\n")
+    # named like the node's folder: dill pickles modules outside site-packages and the
+    # interpreter's prefix by value (datasets' fingerprints), which this view's links may be
+    (site / "node.pth").write_text(f"{node_view(tmp_path / 'node' / 'site-packages')}\n")
     target = tmp_path / "target"
 
     def smoke() -> subprocess.CompletedProcess:
