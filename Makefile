@@ -11,7 +11,7 @@ ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install data train-debug test
+.PHONY: install data train-debug test gpu-wheels
 
 install:
 	@if $(PYTHON) -c "import importlib.metadata as m; [m.version(d) for d in ('rat-titan', \
@@ -34,3 +34,9 @@ train-debug: data
 
 test: data
 	$(PYTHON) -m pytest -q
+
+# The wheels a bare GPU node lacks for `make gpu-check` (pins: tools/gpu_wheels.txt), downloaded
+# for its CPython 3.12 without resolving torch; fails above 40 MiB. Needs the package index.
+GPU_WHEELS ?= .whl
+gpu-wheels:
+	$(PYTHON) tools/gpu_wheels.py download --dest $(GPU_WHEELS)
