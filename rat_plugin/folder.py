@@ -104,13 +104,13 @@ def checked_config(config, where) -> RATModelArgs:
         if not isinstance(config, dict):
             raise ValueError(f"it holds {type(config).__name__} {config!r:.40}, not an object")
         args = RATModelArgs(**config["args"])
+        if not isinstance(config.get("add_bos", True), bool):
+            raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
+        if not isinstance(config.get("dtype", "fp32"), str) or config.get("dtype", "fp32") not in DTYPES:
+            raise ValueError(f"dtype={config['dtype']!r} is not one of {sorted(DTYPES)}")
         if config.get("model_kind") not in MODEL_KINDS:
             raise ValueError(f"model_kind={config.get('model_kind')!r} is not one of "
                              f"{sorted(MODEL_KINDS)}")
-        if not isinstance(config.get("add_bos", True), bool):
-            raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
-        if config.get("dtype", "fp32") not in DTYPES:
-            raise ValueError(f"dtype={config['dtype']!r} is not one of {sorted(DTYPES)}")
     except (ValueError, KeyError, TypeError) as err:
         raise ModelFolderError(f"{where} is invalid ({err}): convert the checkpoint again") \
             from None

@@ -6,7 +6,8 @@ same-backbone attention baselines ``rat_attn`` (full causal attention) and ``rat
 (attention / SWA interleaved), each with flavors debugmodel, 1.3B, 7B, 13B, and a state-dict
 adapter for checkpoints in Hugging Face format (``infra/state_dict_adapter.py``). Importing also
 registers the local datasets, a "float8" converter name that explains the real one, the
-one-line printing of the plugin's errors (``infra/errors.py``), and (without a GPU) CPU/gloo
+one-line printing of the plugin's errors (``infra/errors.py``) and of checkpoint saves that run
+out of space (``infra/saving.py``), and (without a GPU) CPU/gloo
 mode (``infra/cpu.py``); in a trainer process it then checks the job's ``[model] name``
 (``infra/job.py``).
 """
@@ -45,6 +46,7 @@ from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
 from rat_plugin.infra.job import check_launch, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
 from rat_plugin.infra.resume import check_resume
+from rat_plugin.infra.saving import explain_full_disk
 from rat_plugin.infra.settings import check_settings
 from rat_plugin.infra.validate import RATValidator
 from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter
@@ -274,6 +276,7 @@ def get_train_spec(kind: str) -> TrainSpec:
 if cpu.cpu_mode():
     cpu.use_cpu()
 register_datasets()
+explain_full_disk()
 if "float8" not in _registry_model_converter_cls:
     register_model_converter(Float8NameError, "float8")
 sys.excepthook = one_line_excepthook()

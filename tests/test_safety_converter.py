@@ -3,6 +3,7 @@ with 1 and one line naming the bad value and the fix, the source checkpoint's by
 unchanged, and an export already at the output path is intact."""
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -225,6 +226,20 @@ def test_leftovers_the_conversion_reads_are_kept(tmp_path, capsys):
     assert convert_main([str(src), str(out), "--force"]) == 0
     assert convert_main([str(src), str(seed), "--force"]) == 0
     assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", ["float64", 32])
+def test_to_hf_of_a_folder_with_a_bad_dtype_is_one_line(dtype, tmp_path, capsys):
+    export = tmp_path / "export"
+    assert convert_main([str(full_checkpoint(tmp_path / "step-7")), str(export)]) == 0
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "dtype": dtype}))
+    capsys.readouterr()
+    assert convert_main([str(export), str(tmp_path / "hf"), "--to-hf"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: .*export/config.json is invalid \(dtype={dtype!r} is not one of "
+                        r"\['bf16', 'fp16', 'fp32'\]\): convert the checkpoint again\n", err), err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):

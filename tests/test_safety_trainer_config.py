@@ -161,6 +161,19 @@ def test_bad_job_is_a_one_line_config_error(case, tmp_path, debug_assets, monkey
     assert "\n" not in message and re.search(pattern, message), message
 
 
+@pytest.mark.parametrize("section", ["training", "validation"])
+def test_an_unknown_dataset_is_a_one_line_config_error(section):
+    """torchtitan raised a ValueError with its traceback ("Dataset x is not supported")."""
+    job = ConfigManager().parse_args(["--job.config_file", str(DEBUG_TOML), "--validation.enable",
+                                      f"--{section}.dataset", "fineweb_edu_val"])
+    build = ts.build_dataloader if section == "training" else ts.build_rat_validator
+    with pytest.raises(ConfigError) as info:
+        build(job_config=job, dp_world_size=1, dp_rank=0, tokenizer=None)
+    assert re.fullmatch(rf"\[{section}\] dataset='fineweb_edu_val' is unknown: choose one of "
+                        r"\[.*'fineweb_edu_validation'.*'rat_debug'.*\] \(--" + section +
+                        r".dataset\)", str(info.value)), str(info.value)
+
+
 def test_a_sound_job_passes(debug_assets, monkeypatch):
     monkeypatch.chdir(REPO)
     trainer_setup(DEBUG_TOML)

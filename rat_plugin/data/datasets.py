@@ -60,7 +60,13 @@ def register_datasets() -> None:
 
 
 def check_dataset_path(name: str, path: str | None, section: str) -> None:
-    """Fail with one line naming ``[section] dataset_path`` when a local dataset is missing."""
+    """Fail with one line naming ``[section] dataset`` when no dataset has that name, or
+    ``[section] dataset_path`` when a local dataset is missing."""
+    if name.lower() not in DATASETS:
+        raise ConfigError(
+            f"[{section}] dataset={name!r} is unknown: choose one of {sorted(DATASETS)} "
+            f"(--{section}.dataset)"
+        )
     if name.lower() not in LOCAL_DATASETS:
         return  # torchtitan's own datasets: its loader reports problems
     config, required, hint = LOCAL_DATASETS[name.lower()]
