@@ -69,8 +69,8 @@ def _is_ours(path: Path, out: Path, kind: str) -> bool:
 
 
 def _lock(folder: Path) -> int | None:
-    """An fd holding an exclusive flock on ``folder``; None when another process holds one (or
-    the folder is gone, or this system cannot lock)."""
+    """An fd holding an exclusive flock on ``folder``; None when another process holds one or
+    the folder is gone. Where the system has no locks, an fd (or -1) that holds none."""
     if fcntl is None:
         return -1
     try:
@@ -154,7 +154,8 @@ def recover(
 
 
 def _set_default_modes(folder: Path) -> None:
-    """mkdtemp and some writers create owner-only entries: give them the usual umask modes."""
+    """The temporary folder (0o700) and entries some writers create are owner-only: give them
+    the usual umask modes."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(folder, 0o777 & ~umask)
