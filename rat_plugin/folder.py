@@ -106,8 +106,9 @@ def checked_config(config, where) -> RATModelArgs:
         args = RATModelArgs(**config["args"])
         if not isinstance(config.get("add_bos", True), bool):
             raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
-        if not isinstance(config.get("dtype", "fp32"), str) or config.get("dtype", "fp32") not in DTYPES:
-            raise ValueError(f"dtype={config['dtype']!r} is not one of {sorted(DTYPES)}")
+        dtype = config.get("dtype", "fp32")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
         if config.get("model_kind") not in MODEL_KINDS:
             raise ValueError(f"model_kind={config.get('model_kind')!r} is not one of "
                              f"{sorted(MODEL_KINDS)}")

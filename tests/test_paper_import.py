@@ -287,8 +287,8 @@ def edited(**paths):
 # id -> (edit of the paper configuration of a debug rat model, or what replaces it; regex of the
 # one-line error).
 BAD_CONFIGS = {
-    "zero-seq-len": (edited(**{"data.seq_len": 0}),
-                     r"data.seq_len=0 in the checkpoint's configuration must be a positive integer"),
+    "zero-seq-len": (edited(**{"data.seq_len": 0}), r"data.seq_len=0 in the checkpoint's "
+                                                    r"configuration must be a positive integer"),
     "negative-seq-len": (edited(**{"data.seq_len": -128}), r"data.seq_len=-128 .*positive integer"),
     "string-chunk-size": (edited(**{"model.backbone.seq_cell.chunk_size": "8"}),
                           r"model.backbone.seq_cell.chunk_size='8' .* must be a positive integer"),

@@ -51,8 +51,9 @@ CASES = {
     "missing-prompts-file": (None, ["--prompts-file", "/nonexistent/p.txt"], 1,
                              r"prompts file /nonexistent/p.txt does not exist"),
     "binary-prompts-file": (None, ["--prompts-file", "{folder}/model.safetensors"], 1,
-                            r"^prompts file .*/model.safetensors is not UTF-8 text \(byte 0x[0-9a-f]{2} "
-                            r"at offset \d+\): give a UTF-8 text file, one prompt per line$"),
+                            r"^prompts file .*/model.safetensors is not UTF-8 text \(byte "
+                            r"0x[0-9a-f]{2} at offset \d+\): give a UTF-8 text file, one prompt "
+                            r"per line$"),
     "nan-embedding-row": (spoil_weight("tok_embeddings.weight", (5,), float("nan")), TEXT, 1,
                           r"tok_embeddings.weight holds a non-finite weight nan at \[5, 0\]"),
     "inf-norm-weight": (spoil_weight("norm.weight", (0,), float("inf")), IDS, 1,
