@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rat_plugin.model import RATModel, RATModelArgs
+from rat_plugin.model import MODEL_KINDS, RATModel, RATModelArgs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -85,20 +85,37 @@ def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
         raise ModelFolderError(f"{folder} has no {CONFIG_FILE}: is it a converted model folder?")
     try:
         config = json.loads(path.read_text())
-        if isinstance(config, dict) and "model_type" in config and "args" not in config:
-            raise ModelFolderError(
-                f"{folder} is a transformers folder (model_type {config['model_type']!r}), not "
-                "a standalone one: load it with AutoModelForCausalLM after `import "
-                "rat_plugin.hf`, or use the folder it was exported from"
-            )
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
+    if isinstance(config, dict) and "model_type" in config and "args" not in config:
+        raise ModelFolderError(
+            f"{folder} is a transformers folder (model_type {config['model_type']!r}), not "
+            "a standalone one: load it with AutoModelForCausalLM after `import "
+            "rat_plugin.hf`, or use the folder it was exported from"
+        )
+    return config, checked_config(config, path)
+
+
+def checked_config(config, where) -> RATModelArgs:
+    """The RATModelArgs of ``folder_config`` contents read from ``where``, its fields checked."""
+    from rat_plugin.generate.arguments import DTYPES  # the generate package imports this module
+
+    try:
+        if not isinstance(config, dict):
+            raise ValueError(f"it holds {type(config).__name__} {config!r:.40}, not an object")
         args = RATModelArgs(**config["args"])
         if not isinstance(config.get("add_bos", True), bool):
             raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
-    except ModelFolderError:
-        raise
+        dtype = config.get("dtype", "fp32")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        if config.get("model_kind") not in MODEL_KINDS:
+            raise ValueError(f"model_kind={config.get('model_kind')!r} is not one of "
+                             f"{sorted(MODEL_KINDS)}")
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
-    return config, args
+        raise ModelFolderError(f"{where} is invalid ({err}): convert the checkpoint again") \
+            from None
+    return args
 
 
 def listing(keys, limit: int = 12) -> str:

@@ -208,9 +208,11 @@ def test_empty_stop_strings_and_continuations(harness, small_model_dir):
 @pytest.mark.parametrize("args,error", [
     ({"batch_size": "auto"}, r"batch_size='auto': give a whole number >= 1 \(no 'auto' for rat\)"),
     ({"add_bos": "no"}, r"add_bos='no': give True or False"),
+    ({"max_length": -1}, r"^max_length=-1 must be >= 1$"),
+    ({"max_length": "4k"}, r"^max_length='4k' is a str: give a whole number of tokens >= 1"),
 ])
 def test_bad_model_args_are_one_line(harness, small_model_dir, args, error):
-    with pytest.raises(ValueError, match=error):
+    with pytest.raises((ValueError, TypeError), match=error):
         harness.RATHarnessModel(pretrained=str(small_model_dir), **args)
 
 

@@ -24,6 +24,7 @@ import _eval_common as common  # noqa: E402
 
 from rat_plugin.eval.perplexity import by_position, token_windows  # noqa: E402
 from rat_plugin.eval.scoring import position_losses  # noqa: E402
+from rat_plugin.generate.arguments import read_text_file  # noqa: E402
 
 NAME = "perplexity_by_position"
 
@@ -94,13 +95,13 @@ def main(argv=None) -> int:
 
 def evaluate(args) -> None:
     common.check_out(args, f"{NAME}.json", {"text file": args.text})
+    text = read_text_file(args.text, "--text")
     model, tokenizer, bos = common.open_model(args)
     train_length = model.args.max_seq_len
     length = args.length or 4 * train_length
     prefill = args.prefill or min(train_length, length - 1)
     if prefill >= length:
         raise ValueError(f"--prefill {prefill} must be below the window length {length}")
-    text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     windows = token_windows(tokenizer.encode(text, add_special_tokens=False).ids, length,
                             args.windows, bos)
     losses = position_losses(model, windows, prefill, cuda_graph=args.cuda_graph)

@@ -24,6 +24,7 @@ import _eval_common as common  # noqa: E402
 
 from rat_plugin.eval import retrieval  # noqa: E402
 from rat_plugin.generate import generate  # noqa: E402
+from rat_plugin.generate.arguments import read_text_file  # noqa: E402
 
 NAME = "retrieval"
 ANSWER_TOKENS = 8  # a 5-digit key and some slack
@@ -115,7 +116,7 @@ def evaluate(args) -> None:
     common.check_out(args, f"{NAME}.json", {"haystack": args.haystack} if args.haystack else {})
     model, tokenizer, bos = common.open_model(args)
     train_length = model.args.max_seq_len
-    haystack = (retrieval.sentences(Path(args.haystack).read_text(errors="replace"))
+    haystack = (retrieval.sentences(read_text_file(args.haystack, "--haystack"))
                 if args.haystack else None)
     builder = retrieval.PromptBuilder(
         lambda text: tokenizer.encode(text, add_special_tokens=False).ids, bos, haystack)

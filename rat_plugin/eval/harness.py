@@ -51,7 +51,7 @@ import rat_plugin.hf  # noqa: F401, E402  (lm_eval's "hf" model loads --to-hf fo
 from rat_plugin.data.templates import middle_truncate
 from rat_plugin.eval.scoring import continuation_logprobs
 from rat_plugin.generate import generate, load, load_tokenizer
-from rat_plugin.generate.arguments import resolve_device
+from rat_plugin.generate.arguments import check_count, resolve_device
 from rat_plugin.generate.loading import special_token_ids
 
 GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p"}
@@ -106,6 +106,8 @@ class RATHarnessModel(TemplateLM):
         if not isinstance(add_bos, bool):
             raise ValueError(f"add_bos={add_bos!r}: give True or False")
         self.batch_size = _batch_size(batch_size)
+        if max_length is not None:
+            max_length = check_count(max_length, "max_length")
         self._device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load(pretrained, device=self._device, dtype=dtype)
         self.tokenizer = load_tokenizer(pretrained)

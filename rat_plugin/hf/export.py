@@ -44,7 +44,7 @@ def folder_to_hf(
     with torch.device("meta"):
         hf_model = RATForCausalLM(config)
     hf_model.model = model
-    with output_folder(out, force, log) as tmp:
+    with output_folder(out, force, log, reads=[model_dir]) as tmp:
         hf_model.save_pretrained(tmp)
         if tokenizer is not None:
             log(f"tokenizer: copied {', '.join(copy_tokenizer(model_dir, tmp))}")

@@ -1,6 +1,6 @@
-"""Plugin errors as one line: an uncaught ConfigError or NonFiniteError prints as its message
-alone on every rank, and under torchrun the failure report repeats that line instead of the
-traceback.
+"""Plugin errors as one line: an uncaught ConfigError, NonFiniteError or DiskFullError prints
+as its message alone on every rank, and under torchrun the failure report repeats that line
+instead of the traceback.
 
 torch's ``@record`` (on torchtitan's ``Trainer.__init__`` and ``train``) writes every escaping
 exception with its traceback to the file torchrun names in ``TORCHELASTIC_ERROR_FILE``, and
@@ -14,9 +14,9 @@ import os
 import sys
 import time
 
-from rat_plugin.infra import ConfigError, NonFiniteError
+from rat_plugin.infra import ConfigError, DiskFullError, NonFiniteError
 
-ONE_LINE_ERRORS = (ConfigError, NonFiniteError)
+ONE_LINE_ERRORS = (ConfigError, NonFiniteError, DiskFullError)
 
 
 def _record_for_torchrun(line: str) -> None:
