@@ -242,3 +242,55 @@ def test_auto_tokenizer_encodes_as_the_model_was_trained(add_bos, small_model_di
     ids = load_tokenizer(folder).encode(text, add_special_tokens=False).ids
     hf = export(folder, tmp_path / "hf", capsys)
     assert AutoTokenizer.from_pretrained(hf)(text).input_ids == [bos] * add_bos + ids
+
+
+@pytest.mark.parametrize("kind", ["rat", "rat_swa", "rat_attn"])
+def test_hand_written_decoding_loop_equals_full_recomputation(kind, tmp_path, capsys):
+    """``out = model(ids, use_cache=True)`` then ``model(next, past_key_values=...)``, as
+    written by hand: each step's logits equal a full forward of the tokens so far, also past
+    twice the prompt (the cache grows) and for a batch with left and right padding."""
+    model = AutoModelForCausalLM.from_pretrained(
+        export(lively_folder(kind, tmp_path), tmp_path / "hf", capsys)).eval()
+    rows = [PROMPTS[0], PROMPTS[1]]
+    for side in ("left", "right"):
+        pad = [[0] * (11 - len(r)) for r in rows]
+        ids = torch.tensor([p + r if side == "left" else r + p for p, r in zip(pad, rows)])
+        mask = torch.tensor([[0] * len(p) + [1] * len(r) if side == "left" else
+                             [1] * len(r) + [0] * len(p) for p, r in zip(pad, rows)])
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            assert out.past_key_values is not None
+            torch.testing.assert_close(out.logits, model(ids, attention_mask=mask,
+                                                         use_cache=False).logits, rtol=0, atol=0)
+            last = torch.tensor([10, 2]) if side == "right" else torch.tensor([10, 10])
+            tokens = [list(r) for r in rows]
+            logits = out.logits[torch.arange(2), last]
+            for _ in range(25):
+                new = logits.argmax(-1)
+                for row, token in zip(tokens, new.tolist()):
+                    row.append(token)
+                out = model(new[:, None], past_key_values=out.past_key_values)
+                logits = out.logits[:, -1]
+                for i, row in enumerate(tokens):
+                    full = model(torch.tensor([row]), use_cache=False).logits[0, -1]
+                    torch.testing.assert_close(logits[i], full, atol=1e-5, rtol=0)
+        assert len(set(tokens[0][11:])) > 3, "degenerate continuation: the comparison is weak"
+
+
+def test_use_cache_follows_the_config_and_return_dict_false_is_a_tuple(lively):
+    _, model = lively
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert model(ids).past_key_values is not None  # config.use_cache, true by default
+        model.config.use_cache = False
+        assert model(ids).past_key_values is None
+        assert model(ids, use_cache=True).past_key_values is not None
+        model.config.use_cache = True
+        assert model(ids, labels=ids).past_key_values is None  # a training forward
+        logits, cache = model(ids, return_dict=False)
+        torch.testing.assert_close(logits, model(ids).logits, rtol=0, atol=0)
+        assert cache.get_seq_length() == len(PROMPTS[0])
+        loss, logits = model(ids, labels=ids, return_dict=False)
+        assert loss.dim() == 0 and logits.shape == (1, 11, 256)
+        with pytest.raises(ValueError, match="labels need a forward without a decoding cache"):
+            model(ids, labels=ids, use_cache=True)

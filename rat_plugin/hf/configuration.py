@@ -38,6 +38,7 @@ class RATConfig(PreTrainedConfig):
     scan_kernel: str = "auto"
     attention_kernel: str = "auto"
     tie_word_embeddings: bool = True
+    use_cache: bool = True  # forward() returns the decoding cache (past_key_values)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
