@@ -9,20 +9,22 @@ transformers' Auto classes (``rat_plugin.hf``), so lm_eval's own model ``hf`` ev
 exported with ``--to-hf`` (``--model hf --model_args pretrained=rat_hf``).
 
 model_args: ``pretrained`` (a folder from tools/convert_checkpoint.py), ``dtype`` (fp32 | bf16 |
-fp16, default: stored), ``add_bos`` (default true), ``max_length`` (default: the training
-length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays); ``device``
-defaults to cuda where there is one, else cpu.
+fp16, default: stored), ``add_bos`` (default: the folder's), ``max_length`` (default: the
+training length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays);
+``device`` defaults to cuda where there is one, else cpu.
 
 - add_bos: every text is encoded with the tokenizer's BOS first, as torchtitan's dataloader
-  starts every training document. ``add_bos=False`` encodes without it, as the RAT paper's
-  harness wrapper does (an empty context is then EOS, lm_eval's default prefix).
+  starts every training document; the default for a folder whose model was trained so (its
+  ``add_bos``). ``add_bos=False`` encodes without it, as the RAT paper's harness wrapper does
+  (an empty context is then EOS, lm_eval's default prefix): the default for paper imports.
 - loglikelihood: one forward per batch of ``batch_size`` requests, right-padded, longest first;
   context and continuation are cut to the last ``max_length + 1`` tokens, as lm_eval's HF model
   does.
 - loglikelihood_rolling: the document in lm_eval's rolling windows of ``max_length`` tokens.
 - generate_until: ``rat_plugin.generate.generate`` (one prefill, then one cached decode step per
   token), stopping at EOS and at any stop string that is a single token; the text is cut at
-  the first stop string.
+  the first stop string. The prompt is cut to its last ``max_length - max_gen_toks`` tokens,
+  as lm_eval's HF model does.
 """
 
 import json
@@ -73,12 +75,12 @@ class RATHarnessModel(TemplateLM):
         dtype: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # for batch_size "auto", which rat does not take
-        add_bos: bool = True,
+        add_bos: bool | None = None,
         max_length: int | None = None,
         cuda_graph: bool = False,
     ):
         super().__init__()
-        if not isinstance(add_bos, bool):
+        if not isinstance(add_bos, (bool, type(None))):
             raise ValueError(f"add_bos={add_bos!r}: give True or False")
         self.batch_size = _batch_size(batch_size)
         self._device = resolve_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -87,6 +89,8 @@ class RATHarnessModel(TemplateLM):
         self.bos_id, self.eos_id = special_token_ids(pretrained, self.tokenizer)
         if self.eos_id is None:
             raise ValueError(f"{pretrained}/tokenizer_config.json names no eos_token: add it")
+        if add_bos is None:
+            add_bos = self.model.config.get("add_bos", True)
         self.add_bos = add_bos and self.bos_id is not None
         self._max_length = max_length or self.model.args.max_seq_len
         self.cuda_graph = cuda_graph
@@ -166,8 +170,12 @@ class RATHarnessModel(TemplateLM):
             until = [s for s in ([until] if isinstance(until, str) else until) if s]
             sample = options.get("do_sample", False) and options.get("temperature", 1.0) > 0
             decode = self._generator(until, options, sample)
+            context = self.max_length - options.get("max_gen_toks", 256)
+            if context < 1:
+                raise ValueError(f"max_gen_toks={options.get('max_gen_toks', 256)} leaves no "
+                                 f"context within max_length={self.max_length}: raise max_length")
             for batch in _batches(indices, self.batch_size):
-                texts = decode([self.tok_encode(requests[i].args[0]) for i in batch])
+                texts = decode([self.tok_encode(requests[i].args[0])[-context:] for i in batch])
                 for i, text in zip(batch, texts):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)

@@ -1,6 +1,10 @@
 """RATForCausalLM: the project's ``RATModel`` behind transformers' ``PreTrainedModel`` and
 ``generate()``, decoding with RAT's own caches (one prefill, then one token per forward)."""
 
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
@@ -8,11 +12,22 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
-from rat_plugin.folder import EMBEDDING, HF_PREFIX, TIED_HEAD
-from rat_plugin.hf.configuration import RATConfig
+from rat_plugin.folder import (
+    CONFIG_FILE,
+    CONFIG_RECORD,
+    EMBEDDING,
+    HF_PREFIX,
+    TIED_HEAD,
+    WEIGHTS_FILE,
+    listing,
+    warn_config_edits,
+    weight_problem,
+)
+from rat_plugin.hf.configuration import RATConfig, model_dtype
 from rat_plugin.model import RATModel
 
 DECODING_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+INDEX_FILE = "model.safetensors.index.json"  # sharded weights (torchtitan's HF saves)
 
 
 class RATGenerationCache:
@@ -76,6 +91,49 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = RATModel(config.to_args())
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained`` with the checks of loading a standalone folder:
+        weights that do not fit config.json, and non-finite or absurd weights (named with value
+        and position), are refused in one line; config.json fields edited since the export
+        (chunk size, window, RoPE base leave no trace in the weights) give a
+        ConfigMismatchWarning. ``dtype`` may be one of our names (fp32, bf16, fp16)."""
+        if "dtype" in kwargs and kwargs["dtype"] != "auto":
+            kwargs["dtype"] = model_dtype(kwargs["dtype"])
+        wanted = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        model._check_loaded(pretrained_model_name_or_path, info)
+        return (model, info) if wanted else model
+
+    def _check_loaded(self, source, info: dict) -> None:
+        where = Path(source) if isinstance(source, (str, os.PathLike)) else source
+        problems = [f"{kind.replace('_', ' ')}: {listing(str(k) for k in info[kind])}"
+                    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                    if info.get(kind)]
+        if problems:
+            raise ValueError(f"the weights of {where} do not fit its {CONFIG_FILE} "
+                             f"({'; '.join(problems)}): export it again")
+        state = {HF_PREFIX + k: v for k, v in self.model.state_dict().items() if k != TIED_HEAD}
+        problem = weight_problem(state)
+        if problem:
+            raise ValueError(f"{where}: {problem}: the weights are corrupt; export it again "
+                             "from a good checkpoint")
+        if isinstance(where, Path) and where.is_dir():
+            warn_config_edits(self.config.folder_config(), exported_record(where),
+                              where / CONFIG_FILE, stacklevel=4)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' ``save_pretrained``; the copy of an export loaded through rat_plugin
+        also gets the generated code its config's ``auto_map`` names (transformers copies the
+        code of a model loaded with ``trust_remote_code`` itself)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self._auto_class is None and getattr(self.config, "auto_map", None):
+            from rat_plugin.hf import remote_code
+
+            remote_code.write(Path(save_directory))
 
     def _initialize_weights(self, module, is_custom_code: bool = False):
         """``RATModel.init_weights`` on a new model (``from_config``, ``RATForCausalLM(config)``),
@@ -204,3 +262,21 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
             return self.model(tokens, caches=cache.layers, logits_at=lengths - 1)[:, None]
         logits = self.model(tokens, caches=cache.layers)
         return rotate(logits, -starts) if padded else logits
+
+
+def exported_record(folder: Path) -> str | None:
+    """The configuration the weights of a transformers folder were written with: in
+    model.safetensors' metadata (a ``--to-hf`` export) or in the shard index's (torchtitan's
+    HF save); None where there is none (a ``save_pretrained`` copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if (folder / WEIGHTS_FILE).is_file():
+            with safe_open(str(folder / WEIGHTS_FILE), "pt") as f:
+                return (f.metadata() or {}).get(CONFIG_RECORD)
+        if (folder / INDEX_FILE).is_file():
+            return json.loads((folder / INDEX_FILE).read_text()).get("metadata", {}) \
+                .get(CONFIG_RECORD)
+    except (OSError, ValueError, AttributeError, SafetensorError):
+        pass
+    return None
