@@ -327,6 +327,9 @@ HF_LOAD_CASES = {
     "missing-weight": (drop_hf_weight("model.layers.1.mixer.wq.weight"), {},
                        r"do not fit its config.json \(missing keys: "
                        r"model.layers.1.mixer.wq.weight\): export it again"),
+    "edited-ffn-width": (edit_hf_config(ffn_hidden_dim=96), {},
+                         r"do not fit its config.json \(shape mismatches \(weights != config\): "
+                         r"model.layers.0.feed_forward.w1.weight \(128, 64\) != \(96, 64\), "),
     "unknown-dtype-in-config": (edit_hf_config(dtype="fp8"), {},
                                 r"dtype='fp8' is not a model dtype: use one of bf16, fp16, fp32"),
 }

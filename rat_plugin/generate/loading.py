@@ -16,7 +16,7 @@ from rat_plugin.folder import (
     CONFIG_RECORD,
     TIED_HEAD,
     WEIGHTS_FILE,
-    ConfigMismatchWarning,
+    ConfigMismatchWarning,  # noqa: F401  (re-exported: load() warns with it)
     ModelFolderError,
     read_config,
     shape_problems,

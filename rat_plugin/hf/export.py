@@ -14,8 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from rat_plugin.convert import ConversionError, check_output, copy_tokenizer, output_folder
 from rat_plugin.folder import (
     CONFIG_FILE,

@@ -102,17 +102,22 @@ class RATForCausalLM(PreTrainedModel, GenerationMixin):
         if "dtype" in kwargs and kwargs["dtype"] != "auto":
             kwargs["dtype"] = model_dtype(kwargs["dtype"])
         wanted = kwargs.pop("output_loading_info", False)
+        resized = kwargs.pop("ignore_mismatched_sizes", False)  # re-initialised on purpose
         model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            pretrained_model_name_or_path, *model_args, output_loading_info=True,
+            ignore_mismatched_sizes=True, **kwargs
         )
-        model._check_loaded(pretrained_model_name_or_path, info)
+        model._check_loaded(pretrained_model_name_or_path, info, resized)
         return (model, info) if wanted else model
 
-    def _check_loaded(self, source, info: dict) -> None:
+    def _check_loaded(self, source, info: dict, resized: bool) -> None:
         where = Path(source) if isinstance(source, (str, os.PathLike)) else source
+        wrong = [] if resized else [f"{k} {tuple(stored)} != {tuple(built)}"
+                                    for k, stored, built in info.get("mismatched_keys", ())]
         problems = [f"{kind.replace('_', ' ')}: {listing(str(k) for k in info[kind])}"
-                    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                    if info.get(kind)]
+                    for kind in ("missing_keys", "unexpected_keys") if info.get(kind)]
+        if wrong:
+            problems.append(f"shape mismatches (weights != config): {listing(wrong, 6)}")
         if problems:
             raise ValueError(f"the weights of {where} do not fit its {CONFIG_FILE} "
                              f"({'; '.join(problems)}): export it again")
