@@ -145,10 +145,10 @@ def lively_folder(kind: str, root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def isolated_export(small_model_dir, tmp_path_factory) -> dict:
-    """tests/isolated_export.py on a ``--to-hf`` export of ``small_model_dir``, in a fresh
-    interpreter that cannot import rat_plugin: ``python -I -S`` with the installed packages'
-    site folders on sys.path (not their .pth files, one of which installs the editable
-    rat_plugin), the working directory and HF_HOME in a temporary folder, the hub offline.
+    """tests/isolated_export.py on ``--to-hf`` exports, in a fresh interpreter that cannot
+    import rat_plugin: ``python -I -S`` with, on sys.path, a folder of links to the installed
+    packages but rat_plugin and torchtitan (no .pth file: one installs an editable rat_plugin),
+    the working directory and HF_HOME in a temporary folder, the hub offline.
     ``lively`` (a ``lively_folder`` model) is loaded, generated from and trained; ``export``
     (of ``small_model_dir``, with its tokenizer) is evaluated with lm_eval. Returns its SPEC
     (inputs, folders) with ``results`` and ``samples``."""
@@ -163,8 +163,17 @@ def isolated_export(small_model_dir, tmp_path_factory) -> dict:
     folder_to_hf(lively_folder("rat", root), root / "lively_export", log=lambda _: None)
     shutil.copytree(REPO / "tests" / "lm_eval_tasks", root / "tests" / "lm_eval_tasks")
     tasks = ["rat_story_choice", "rat_story_words", "rat_story_text"]
+    packages = root / "site-packages"
+    packages.mkdir()
+    hidden = ("rat_plugin", "rat_titan", "__editable__", "torchtitan")
+    for folder in map(Path, site.getsitepackages() + [site.getusersitepackages()]):
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            link = packages / entry.name
+            if entry.suffix != ".pth" and not entry.name.startswith(hidden) \
+                    and not link.exists():
+                link.symlink_to(entry)
     spec = {
-        "site": site.getsitepackages() + [site.getusersitepackages()],
+        "site": [str(packages)],
         "export": str(root / "rat_export"), "lively": str(root / "lively_export"),
         "lively_source": str(root / "rat"), "out": str(root / "out"),
         "tasks": str(root / "tests" / "lm_eval_tasks"),

@@ -1,7 +1,8 @@
 """A ``--to-hf`` export used where rat_plugin cannot be imported: run by the ``isolated_export``
-fixture (conftest.py) as ``python -I -S isolated_export.py SPEC.json``, with only the site
-folders of the installed packages on sys.path (their .pth files, which install the editable
-rat_plugin, are not run) and the working directory outside the repository.
+fixture (conftest.py) as ``python -I -S isolated_export.py SPEC.json``, with the working
+directory outside the repository and, on sys.path, a folder of links to the installed
+packages without rat_plugin and torchtitan (and without the .pth files that would install an
+editable rat_plugin).
 
 It loads the export with ``trust_remote_code=True``, computes logits, greedy tokens, a hand-
 written decoding loop, one Trainer step, the load-time checks on edited copies, a
@@ -19,7 +20,8 @@ sys.path += spec["site"]
 
 import importlib.util  # noqa: E402
 
-assert importlib.util.find_spec("rat_plugin") is None, "rat_plugin is importable"
+for package in ("rat_plugin", "torchtitan"):
+    assert importlib.util.find_spec(package) is None, f"{package} is importable"
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
