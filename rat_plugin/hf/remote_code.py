@@ -78,6 +78,7 @@ class Definition:
     binds: frozenset[str]
     reads: frozenset[str]
     is_import: bool = False
+    is_block: bool = False  # a function or class
 
 
 def render() -> dict[str, str]:
@@ -143,7 +144,7 @@ def _emit(own: list[Definition], placed: dict[Definition, str], wanted) -> str:
     lines = [HEADER]
     for i, text in enumerate(imports):  # the standard library first, then the packages
         first = i == 0 or _import_order(text)[0] != _import_order(imports[i - 1])[0]
-        lines.append(f"{chr(10) if first else ''}{text}\n")
+        lines.append(("\n" if first else "") + text + "\n")
     for file_name, names in borrowed.items():
         lines.append(f"\nfrom .{file_name.removesuffix('.py')} import (\n")
         lines += [f"    {name},\n" for name in sorted(names)]
@@ -154,15 +155,10 @@ def _emit(own: list[Definition], placed: dict[Definition, str], wanted) -> str:
             module, previous = definition.module, None
             lines.append(f"\n\n# ---- {module.replace('.', '/')}.py ----\n")
         # Two blank lines around functions and classes, one between other statements.
-        spaced = previous is not None and (_is_block(definition) or _is_block(previous))
-        lines.append(f"{chr(10) * (2 if spaced else 1)}{definition.text}\n")
+        spaced = previous is not None and (definition.is_block or previous.is_block)
+        lines.append("\n" * (2 if spaced else 1) + definition.text + "\n")
         previous = definition
     return "".join(lines)
-
-
-def _is_block(definition: Definition) -> bool:
-    return definition.text.lstrip("@# ").startswith(("def ", "class ")) or \
-        "\ndef " in definition.text or "\nclass " in definition.text
 
 
 def _import_order(text: str) -> tuple:
@@ -198,8 +194,9 @@ def _definitions(module: str) -> tuple[list[Definition], set[str]]:
         text = "\n".join(comments + [text])
         table = symtable.symtable(text, module, "exec")
         binds = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported()}
+        block = isinstance(node, (ast.FunctionDef, ast.ClassDef))
         found.append(Definition(module, text, frozenset(binds),
-                                frozenset(_reads(table) - binds)))
+                                frozenset(_reads(table) - binds), is_block=block))
     return found, left_out
 
 
