@@ -84,7 +84,12 @@ class RATStateDictAdapter(BaseStateDictAdapter):
             bos, eos = special_token_ids(tokenizer_dir, load_tokenizer(tokenizer_dir))
         config = RATConfig(model_kind=kind, flavor=flavor, add_bos=True, dtype=dtype,
                            bos_token_id=bos, eos_token_id=eos, **fields)
-        complete_hf_save(Path(folder), config, tokenizer_dir, log=logger.info)
+        try:
+            complete_hf_save(Path(folder), config, tokenizer_dir, log=logger.info)
+        except (OSError, ValueError) as err:  # the weights are saved: say what is missing
+            logger.warning(f"checkpoint: {folder} holds the weights only, writing its "
+                           f"transformers files failed ({err})")
+            return
         logger.info(f"checkpoint: {folder} is a transformers folder (AutoModelForCausalLM"
                     ".from_pretrained, trust_remote_code=True where rat_plugin is not installed)")
 
