@@ -1,8 +1,9 @@
 """torchtitan's Hugging Face checkpoint path and the transformers export, with the real trainer
 (2 CPU ranks, FSDP2). From the shared seed exported for transformers (``--to-hf``), a run with
 ``initial_load_in_hf`` and ``last_save_in_hf`` has the losses of a run from the DCP seed and
-saves the weights that run saves as DCP; the saved file reads back through the adapter; and the
-trained model exported for transformers generates what ``rat_plugin.generate`` does."""
+saves the weights that run saves as DCP; the saved file reads back through the adapter and, with
+the files the plugin writes beside it, loads as a transformers folder; and the trained model
+exported for transformers generates what ``rat_plugin.generate`` does."""
 
 import sys
 from pathlib import Path
