@@ -8,7 +8,6 @@ with a prefix mask otherwise. ``RAT_DECODE_ATTENTION`` (auto | sdpa | flash) for
 Neither reads anything back to the host, so a decode step can be captured in a CUDA graph.
 """
 
-import importlib.util
 import os
 
 import torch
@@ -18,7 +17,19 @@ from rat_plugin.ops.dispatch import GPU_PROGRAMS
 
 DECODE_ENV = "RAT_DECODE_ATTENTION"
 _CHOICES = ("auto", "sdpa", "flash")
-FLASH_ATTN = GPU_PROGRAMS and importlib.util.find_spec("flash_attn") is not None  # installed
+
+
+def _flash_attn_importable() -> bool:
+    if not GPU_PROGRAMS:
+        return False
+    try:  # optional extra: builds only with CUDA
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+FLASH_ATTN = _flash_attn_importable()
 
 
 def decode_backend(q: torch.Tensor) -> str:
