@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +33,10 @@ CONFIG_RECORD = "rat_config"
 
 class ModelFolderError(ValueError):
     """A model folder problem, with a one-line explanation of the fix."""
+
+
+class ConfigMismatchWarning(UserWarning):
+    """config.json differs from the configuration the weights were exported with."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -71,6 +76,19 @@ def config_edits(config: dict, record: str) -> list[str]:
         f"{k}={now.get(k)!r} (exported with {exported.get(k)!r})"
         for k in sorted(now.keys() | exported.keys()) if now.get(k) != exported.get(k)
     ]
+
+
+def warn_config_edits(config: dict, record: str | None, config_path, stacklevel: int) -> None:
+    """A ConfigMismatchWarning naming every field of ``config`` (config.json contents in the
+    ``folder_config`` layout) that differs from the exported ``record``, if any."""
+    edits = config_edits(config, record) if record else []
+    if edits:
+        warnings.warn(
+            f"{config_path} was edited after export: {', '.join(edits)}; the model may compute "
+            "garbage: restore those values or convert the checkpoint again",
+            ConfigMismatchWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:

@@ -4,12 +4,12 @@
 TrainSpecs: ``rat`` (all RAT), ``rat_swa`` (RAT / sliding-window attention interleaved) and the
 same-backbone attention baselines ``rat_attn`` (full causal attention) and ``rat_attn_swa``
 (attention / SWA interleaved), each with flavors debugmodel, 1.3B, 7B, 13B, and a state-dict
-adapter for checkpoints in Hugging Face format (``infra/state_dict_adapter.py``). Importing also
-registers the local datasets, a "float8" converter name that explains the real one, the
-one-line printing of the plugin's errors (``infra/errors.py``) and of checkpoint saves that run
-out of space (``infra/saving.py``), and (without a GPU) CPU/gloo
-mode (``infra/cpu.py``); in a trainer process it then checks the job's ``[model] name``
-(``infra/job.py``).
+adapter for checkpoints in Hugging Face format (``infra/state_dict_adapter.py``, which also makes
+the HF last save a transformers folder). Importing also registers the local datasets, a
+"float8" converter name that explains the real one, the one-line printing of the plugin's
+errors (``infra/errors.py``) and of checkpoint saves that run out of space
+(``infra/saving.py``), and (without a GPU) CPU/gloo mode (``infra/cpu.py``); in a trainer
+process it then checks the job's ``[model] name`` (``infra/job.py``).
 """
 
 import dataclasses
@@ -60,7 +60,7 @@ from rat_plugin.infra.resume import check_resume
 from rat_plugin.infra.saving import explain_full_disk
 from rat_plugin.infra.settings import check_settings
 from rat_plugin.infra.validate import RATValidator
-from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter
+from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter, complete_hf_saves
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
 from rat_plugin.ops.dispatch import ATTENTION_ENV, KERNELS_ENV, select_kernels
@@ -315,6 +315,7 @@ if cpu.cpu_mode():
     cpu.use_cpu()
 register_datasets()
 explain_full_disk()
+complete_hf_saves()
 if "float8" not in _registry_model_converter_cls:
     register_model_converter(Float8NameError, "float8")
 sys.excepthook = one_line_excepthook()

@@ -87,6 +87,9 @@ CASES = {
     "force-onto-another-model-folder": (None, ["{tmp}/llama", "--force"],
                                         r"llama exists and is not a folder this tool wrote"),
     "existing-output-without-force": (None, ["{export}"], r"export already exists: pass --force"),
+    # model_type "rat" and a model.safetensors, but not the record only --to-hf writes.
+    "force-onto-hand-made-rat-export": (None, ["{tmp}/rat_hf", "--to-hf", "--force"],
+                                        r"rat_hf exists and is not a folder this tool wrote"),
     # Checked before the tied head is compared, so a NaN is not reported as "differs".
     "nan-embedding-row": (NAN_ROW, ["{tmp}/out"], r"step-7: tok_embeddings.weight holds a "
                           r"non-finite weight nan at \[5, 0\].*convert an earlier checkpoint"),
@@ -110,7 +113,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     edit, args, pattern = CASES[case]
-    to_dcp = "--to-dcp" in args
+    to_dcp = "--to-dcp" in args or "--to-hf" in args  # from a folder the tool wrote
     src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7", None if to_dcp else edit)
     export = tmp_path / "export"
     assert convert_main([str(full_checkpoint(tmp_path / "good"))
@@ -126,6 +129,9 @@ def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "llama" / "model.safetensors"))
+    (tmp_path / "rat_hf").mkdir()
+    (tmp_path / "rat_hf" / "config.json").write_text('{"model_type": "rat"}')
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "rat_hf" / "model.safetensors"))
     capsys.readouterr()
     before = tree_hashes(tmp_path)
 

@@ -9,13 +9,14 @@ transformers' Auto classes (``rat_plugin.hf``), so lm_eval's own model ``hf`` ev
 exported with ``--to-hf`` (``--model hf --model_args pretrained=rat_hf``).
 
 model_args: ``pretrained`` (a folder from tools/convert_checkpoint.py), ``dtype`` (fp32 | bf16 |
-fp16, default: stored), ``add_bos`` (default true), ``max_length`` (default: the training
-length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays); ``device``
-defaults to cuda where there is one, else cpu.
+fp16, default: stored), ``add_bos`` (default: the folder's), ``max_length`` (default: the
+training length), ``cuda_graph`` (decode steps of generate_until as CUDA graph replays);
+``device`` defaults to cuda where there is one, else cpu.
 
 - add_bos: every text is encoded with the tokenizer's BOS first, as torchtitan's dataloader
-  starts every training document. ``add_bos=False`` encodes without it, as the RAT paper's
-  harness wrapper does (an empty context is then EOS, lm_eval's default prefix).
+  starts every training document; the default for a folder whose model was trained so (its
+  ``add_bos``). ``add_bos=False`` encodes without it, as the RAT paper's harness wrapper does
+  (an empty context is then EOS, lm_eval's default prefix): the default for paper imports.
 - loglikelihood: one forward per batch of ``batch_size`` requests, right-padded, longest first;
   context and continuation are cut to the last ``max_length + 1`` tokens, as lm_eval's HF model
   does.
@@ -98,12 +99,12 @@ class RATHarnessModel(TemplateLM):
         dtype: str | None = None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,  # for batch_size "auto", which rat does not take
-        add_bos: bool = True,
+        add_bos: bool | None = None,
         max_length: int | None = None,
         cuda_graph: bool = False,
     ):
         super().__init__()
-        if not isinstance(add_bos, bool):
+        if not isinstance(add_bos, (bool, type(None))):
             raise ValueError(f"add_bos={add_bos!r}: give True or False")
         self.batch_size = _batch_size(batch_size)
         if max_length is not None:
@@ -114,6 +115,8 @@ class RATHarnessModel(TemplateLM):
         self.bos_id, self.eos_id = special_token_ids(pretrained, self.tokenizer)
         if self.eos_id is None:
             raise ValueError(f"{pretrained}/tokenizer_config.json names no eos_token: add it")
+        if add_bos is None:
+            add_bos = self.model.config.get("add_bos", True)
         self.add_bos = add_bos and self.bos_id is not None
         self._max_length = _max_length(max_length, self.model.args.max_seq_len)
         self.cuda_graph = cuda_graph
