@@ -34,3 +34,13 @@ train-debug: data
 
 test: data
 	$(PYTHON) -m pytest -q
+
+# The GPU check (docs/gpu_fast_path.md): one offline command on a bare GPU node, 9 minutes, a
+# report in OUT. DRY=1 runs every stage on CPU at toy size (CI). Where make is missing:
+# python3 tools/gpu_check.py [--out DIR] [--dry].
+GPU_CHECK_PYTHON ?= python3
+OUT ?= gpu_check_report
+DRY ?=
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) $(if $(DRY),--dry)
