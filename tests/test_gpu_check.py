@@ -343,7 +343,7 @@ def test_dry_run_makes_a_complete_report(tmp_path):
     assert all(math.isfinite(s["loss"]) and s["tps"] > 0 for s in steps)
     summary = stages["training"]["results"]["summaries"]["rat"]
     assert summary["loss_finite"] and summary["steps"] == 2
-    assert "RAT kernels: scan=triton" in " ".join(stages["training"]["notes"])
+    assert "RAT kernels: scan=torch (portable)" in " ".join(stages["training"]["notes"])
     assert {c["what"].split()[1] for c in stages["training"]["cut"]} == {
         "rat_attn", "rat_swa", "rat_attn_swa"}  # cut by the dry run's budget, and said so
     assert "torchtitan.train" in trained["command"] and "MASTER_PORT=" in trained["command"]
@@ -352,3 +352,11 @@ def test_dry_run_makes_a_complete_report(tmp_path):
     for name in STAGES:
         assert f"## {name}: ok" in md
     assert "DRY RUN on CPU" in md and "python3 tools/bench_block.py" in md
+
+
+def test_the_documented_stage_estimates_are_the_plans():
+    doc = (REPO / "docs" / "gpu_fast_path.md").read_text()
+    plan = gpu_check_plan.make_plan(gpu_check_plan.PROFILES["h100"])
+    for stage in plan.stages:
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {stage.name} |"))
+        assert row.endswith(f"| {stage.estimate_s:.0f} s / {stage.budget_s:.0f} s |"), row

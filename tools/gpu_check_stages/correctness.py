@@ -34,11 +34,19 @@ def _message(report) -> str | None:
 
 class Outcomes:
     """Each test's outcome (passed, failed, skipped, error), duration and message, handed to
-    ``on_test`` when its last phase is reported."""
+    ``on_test`` when its last phase is reported; ``collected``: the selected tests' ids."""
 
     def __init__(self, on_test: Callable[[dict], None]):
         self.on_test = on_test
         self.pending: dict[str, dict] = {}
+        self.collected: list[str] = []
+
+    def pytest_collection_finish(self, session) -> None:
+        self.collected = self.collected or [item.nodeid for item in session.items]
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node, ids) -> None:
+        self.collected = self.collected or list(ids)  # every worker collects the same
 
     def pytest_runtest_logreport(self, report) -> None:
         test = self.pending.setdefault(report.nodeid, dict(id=report.nodeid, outcome="passed",
@@ -68,9 +76,10 @@ def command(planned: list[str], junit: Path) -> list[str]:
     return argv + cuda_test_files() + [f"--junitxml={junit}"]
 
 
-def tables(items: list[dict]) -> list[dict]:
+def tables(items: list[dict], collected: list[str]) -> list[dict]:
     tests = [record for item in items for record in item["records"]]
     counts = {o: sum(t["outcome"] == o for t in tests) for o in OUTCOMES}
+    counts["not run"] = len(set(collected) - {t["id"] for t in tests})
     rows = [f"| `{t['id']}` | {t['outcome']} | {t['seconds']:.1f} | "
             f"{(t['message'] or '').replace('|', '/')} |" for t in tests]
     summary = ", ".join(f"{n} {o}" for o, n in counts.items())
@@ -79,20 +88,28 @@ def tables(items: list[dict]) -> list[dict]:
 
 
 def run(spec: dict, recorder: Recorder) -> str | None:
+    from rat_plugin.data.prepare import prepare
+
     (item,) = spec["items"]
     item = dict(item, command=command(item["command"], Path(spec["out"]) / "correctness.xml"))
-    recorder.tables = tables
+    outcomes = Outcomes(recorder.record)
+    recorder.tables = lambda items: tables(items, outcomes.collected)
     os.chdir(REPO)
+    prepare(REPO / "assets")  # once, before pytest-xdist's workers would each write it
+    if "-n" in item["command"]:  # inductor's compile workers shared by pytest's
+        workers = int(item["command"][item["command"].index("-n") + 1])
+        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS",
+                              str(max(1, (os.cpu_count() or 1) // workers)))
 
     def measure(item):
-        code = pytest.main(item["command"][3:], plugins=[Outcomes(recorder.record)])
+        code = pytest.main(item["command"][3:], plugins=[outcomes])
         if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
             raise RuntimeError(f"pytest exited with {code!r}")
         return []  # the outcomes were recorded as they came
 
     recorder.run_items([item], measure)
     (counts,) = [t["counts"] for t in recorder.data["tables"]]
-    recorder.data["results"]["counts"] = counts
+    recorder.data["results"].update(counts=counts, collected=outcomes.collected)
     broken = [r["id"] for r in recorder.data["items"][0]["records"]
               if r["outcome"] in ("failed", "error")]
     if broken:

@@ -64,7 +64,7 @@ def measure(item: dict, recorder: Recorder):
             lines.append(line.rstrip())
             del lines[:-40]
             if any(key in line for key in NOTED):
-                notes.append(line.split(" - ", 1)[-1].strip())
+                notes.append(line.split(" - INFO - ", 1)[-1].strip())
             step = parse_step(line)
             if step is not None:
                 step["seconds"] = round(time.monotonic() - start, 1)
