@@ -212,6 +212,16 @@ def read_report(out: Path) -> tuple[dict, dict]:
     return report, {s["name"]: s for s in report["stages"]}
 
 
+def wait_for(pid_file: Path, run: subprocess.Popen) -> None:
+    """Until the stand-in stage that sleeps has written its pid (it has recorded by then)."""
+    for _ in range(600):
+        if pid_file.exists():
+            return
+        time.sleep(0.1)
+    run.kill()
+    pytest.fail(run.communicate()[0])
+
+
 def assert_gone(pid_file: Path) -> None:
     pid = int(pid_file.read_text())
     for _ in range(50):
@@ -247,13 +257,7 @@ def test_a_stage_killed_at_its_budget_is_reported_and_the_next_ones_run(tmp_path
 def test_a_stopped_run_leaves_a_report_that_says_where(tmp_path):
     run = start_stand_ins(tmp_path, "generation")
     out = tmp_path / "out"
-    for _ in range(600):
-        if (tmp_path / "pid").exists():
-            break
-        time.sleep(0.1)
-    else:
-        run.kill()
-        pytest.fail(run.communicate()[0])
+    wait_for(tmp_path / "pid", run)
     run.send_signal(signal.SIGTERM)
     assert run.wait(timeout=60) == 1
     report, stages = read_report(out)
@@ -264,6 +268,21 @@ def test_a_stopped_run_leaves_a_report_that_says_where(tmp_path):
     assert stages["training"]["status"] == "skipped"
     assert [stages[n]["status"] for n in ("environment", "correctness", "block")] == ["ok"] * 3
     assert_gone(tmp_path / "pid")
+
+
+def test_a_killed_runner_takes_its_stage_along_and_its_report_says_where(tmp_path):
+    run = start_stand_ins(tmp_path, "correctness")
+    wait_for(tmp_path / "pid", run)
+    time.sleep(2 * gpu_check.POLL_S)  # the runner merges the stage's record
+    run.kill()  # SIGKILL: no handler runs
+    run.wait(timeout=60)
+    assert_gone(tmp_path / "pid")  # the stage died with its runner
+    report, stages = read_report(tmp_path / "out")
+    assert report["state"] == "running" and report["finished"] is None
+    assert stages["correctness"]["status"] == "running"
+    assert stages["correctness"]["items"][0]["records"] == [dict(ms=1.5)]
+    assert "it was killed while the stage marked running ran" in (
+        tmp_path / "out" / "gpu_check.md").read_text()
 
 
 # -- the dry run: every real stage -------------------------------------------------------------

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # the node has no rat_plugin installed: the plan 
 
 from gpu_check_plan import PROFILES, RESERVE_S, STAGES as STAGE_NAMES, describe, make_plan  # noqa: E402
 from gpu_check_report import Report  # noqa: E402
-from gpu_check_stages._stage import write_atomic  # noqa: E402
+from gpu_check_stages._stage import die_with_parent, write_atomic  # noqa: E402
 
 TOOLS = REPO / "tools"
 DEFAULT_OUT = REPO / "gpu_check_report"
@@ -277,7 +277,8 @@ class Runner:
                       f"{shlex.join(command)}\n")
             log.flush()
             self.proc = subprocess.Popen(command, cwd=REPO, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=die_with_parent)
             while self.proc.poll() is None:
                 try:
                     self.proc.wait(timeout=POLL_S)

@@ -134,9 +134,12 @@ def stage_section(stage: dict, measured_on: str) -> list[str]:
 def markdown(data: dict) -> str:
     """The report as Markdown: environment, stage statuses, the plan, each stage's tables with
     the commands of its figures."""
+    state = f"**{data['state']}**" + (f", finished {data['finished']}" if data["finished"] else
+                                       " (when no check runs any more, it was killed while the "
+                                       "stage marked running ran)")
     lines = [f"# GPU check, {data['gpu']}, {data['started']}", "",
-             f"State: **{data['state']}**{', finished ' + data['finished'] if data['finished'] else ''}"
-             f"; command `{data['command']}`; schema {data['schema']} v{data['version']}.",
+             f"State: {state}; command `{data['command']}`; schema {data['schema']} "
+             f"v{data['version']}.",
              _measured_on(data), "", "## Environment", ""]
     lines += environment_section(data["environment"])
     plan = data["plan"]

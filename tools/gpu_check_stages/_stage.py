@@ -7,14 +7,25 @@ budget the records measured until then are in the report. Torch-free: the runner
 """
 
 import argparse
+import ctypes
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a child process: on Linux it gets SIGKILL when its parent dies, so a
+    stage (and the trainer a stage starts) never outlives a runner killed with SIGKILL."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import _bench_common as bench
 
-from gpu_check_stages._stage import Recorder, main, shell
+from gpu_check_stages._stage import Recorder, die_with_parent, main, shell
 
 REPO = Path(__file__).resolve().parents[2]
 STEP = re.compile(
@@ -58,7 +58,8 @@ def measure(item: dict, recorder: Recorder):
     start = time.monotonic()
     lines = []
     with subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          preexec_fn=die_with_parent) as proc:
         for line in proc.stdout:
             print(line, end="", flush=True)
             lines.append(line.rstrip())
