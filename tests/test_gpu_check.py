@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, run_main
 
@@ -198,11 +199,13 @@ sys.exit(gpu_check.main(sys.argv[1:]))
 
 
 def start_stand_ins(tmp_path, sleeps: str, *argv: str) -> subprocess.Popen:
+    """The runner over stand-in stages (``--dry`` unless ``argv`` starts with --gpu)."""
     (tmp_path / "stand_in_stage.py").write_text(STAND_IN)
     (tmp_path / "driver.py").write_text(DRIVER.format(tools=str(REPO / "tools")))
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}", STAND_IN_SLEEPS=sleeps,
                STAND_IN_PID=str(tmp_path / "pid"))
-    return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), "--dry", "--out",
+    mode = [] if argv[:1] == ("--gpu",) else ["--dry"]
+    return subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), *mode, "--out",
                              str(tmp_path / "out"), *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -233,6 +236,7 @@ def assert_gone(pid_file: Path) -> None:
     raise AssertionError(f"stage process {pid} still runs")
 
 
+@pytest.mark.slow  # the runner and its stage processes
 def test_a_stage_killed_at_its_budget_is_reported_and_the_next_ones_run(tmp_path):
     run = start_stand_ins(tmp_path, "block", "--stage-budget", "block=3")
     out, _ = run.communicate(timeout=120)
@@ -252,8 +256,28 @@ def test_a_stage_killed_at_its_budget_is_reported_and_the_next_ones_run(tmp_path
     assert report["environment"]["runnable"]["training"] == stages["training"]["reason"]
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "## block: timeout" in md and "cut at its budget of 3 s" in md
+    planned = [i["what"] for i in report["plan"]["stages"][STAGES.index("block")]["items"]]
+    for what in planned[1:]:  # the stand-in ran the first, then slept until the cut
+        assert f"- not run: {what} (planned" in md
 
 
+@pytest.mark.slow  # the runner and its stage processes
+def test_a_completed_stage_warms_the_next_plan(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    run = start_stand_ins(tmp_path, "none", "--gpu", "h100", "--cache-dir", str(cache),
+                          "--stages", "environment", "correctness")
+    out, _ = run.communicate(timeout=120)
+    report, stages = read_report(tmp_path / "out")
+    assert stages["correctness"]["status"] == "ok", out
+    assert stages["block"]["reason"] == "not selected (--stages)"
+    assert run.returncode == 0  # every selected stage ok
+    assert json.loads((cache / "warm.json").read_text()) == ["correctness"]
+    code, text, _ = run_main(gpu_check.main, ["--plan", "--gpu", "h100", "--cache-dir",
+                                              str(cache)], capsys)
+    assert code == 0 and "warm caches: correctness" in text
+
+
+@pytest.mark.slow  # the runner and its stage processes
 def test_a_stopped_run_leaves_a_report_that_says_where(tmp_path):
     run = start_stand_ins(tmp_path, "generation")
     out = tmp_path / "out"
@@ -270,6 +294,7 @@ def test_a_stopped_run_leaves_a_report_that_says_where(tmp_path):
     assert_gone(tmp_path / "pid")
 
 
+@pytest.mark.slow  # the runner and its stage processes
 def test_a_killed_runner_takes_its_stage_along_and_its_report_says_where(tmp_path):
     run = start_stand_ins(tmp_path, "correctness")
     wait_for(tmp_path / "pid", run)
@@ -286,6 +311,19 @@ def test_a_killed_runner_takes_its_stage_along_and_its_report_says_where(tmp_pat
 
 
 # -- the dry run: every real stage -------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the stages run")
+def test_without_a_gpu_every_gpu_stage_is_skipped_with_the_reason(tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path / "out"), "--gpu", "h100", "--cache-dir",
+                           str(tmp_path / "cache")]) == 1
+    report, stages = read_report(tmp_path / "out")
+    assert stages["environment"]["status"] == "ok" and report["state"] == "complete"
+    for name in STAGES[1:]:
+        assert stages[name]["status"] == "skipped"
+        assert stages[name]["reason"].startswith("gpu: no CUDA GPU visible"), stages[name]
+        assert "make gpu-check DRY=1" in stages[name]["reason"]
 
 
 def check_schema(report: dict) -> None:

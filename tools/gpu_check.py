@@ -327,7 +327,7 @@ class Runner:
                 s.name: missing(s, self.report.data["environment"], self.plan.dry)
                 for s in STAGES[1:]}
             self.report.write()
-        if status == "ok" and not self.plan.dry:
+        if status == "ok" and not self.plan.dry and name != "environment":  # it compiled
             warm = sorted(set(read_warm(self.cache)) | {name})
             write_atomic(self.cache / "warm.json", json.dumps(warm) + "\n")
 
@@ -359,9 +359,12 @@ def main(argv=None) -> int:
             cache = Path(work) / "cache"
         cache.mkdir(parents=True, exist_ok=True)
         runner = Runner(opts, plan, out, cache, Path(work))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, runner.stop)
-        code = runner.run()
+        handlers = {sig: signal.signal(sig, runner.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = runner.run()
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     print(f"gpu_check: {runner.report.data['state']}; report in {out}/gpu_check.md and "
           f"gpu_check.json")
     return code

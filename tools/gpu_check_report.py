@@ -109,8 +109,10 @@ def environment_section(env: dict) -> list[str]:
     return lines
 
 
-def stage_section(stage: dict, measured_on: str) -> list[str]:
+def stage_section(stage: dict, planned: dict, measured_on: str) -> list[str]:
     lines = [f"## {stage['name']}: {stage['status']}"]
+    if stage["name"] == "environment" and stage["results"]:
+        lines.append("\nWhat it found is the Environment section above.")
     if stage["reason"]:
         lines.append(f"\n{stage['reason'][:MESSAGE_LIMIT]}")
     for table in stage["tables"]:
@@ -125,6 +127,10 @@ def stage_section(stage: dict, measured_on: str) -> list[str]:
             seconds = "" if item["seconds"] is None else f", {item['seconds']:.0f} s"
             lines.append(f"- {item['what']} ({item['status']}{seconds}{error}): "
                          f"`{item['command']}`")
+    ran = {item["what"] for item in stage["items"]}
+    if stage["status"] not in ("pending", "running", "skipped"):
+        lines += [f"- not run: {item['what']} (planned, {item['estimate_s']:.0f} s; the stage "
+                  "ended before it)" for item in planned["items"] if item["what"] not in ran]
     for cut in stage["cut"]:
         lines.append(f"- cut: {cut['what']}: {cut['reason']}")
     lines += [f"- note: {note}" for note in stage["notes"]]
@@ -151,6 +157,6 @@ def markdown(data: dict) -> str:
                        _seconds(s["allowed_s"] or s["budget_s"]), _seconds(s["estimate_s"]),
                        (s["reason"] or "")[:300]] for s in data["stages"]])]
     measured_on = _measured_on(data)
-    for stage in data["stages"]:
-        lines += [""] + stage_section(stage, measured_on)
+    for stage, planned in zip(data["stages"], plan["stages"]):
+        lines += [""] + stage_section(stage, planned, measured_on)
     return "\n".join(lines) + "\n"
