@@ -95,8 +95,8 @@ def environment_section(env: dict) -> list[str]:
                       versions.get("torch"), versions.get("triton"), versions.get("cuda"),
                       versions.get("python"), versions.get("cpu_cores")]])]
     wheels = env.get("wheels", {})
-    installed = ", ".join(wheels.get("installed", [])) or "none"
-    lines.append(f"\nWheels: {wheels.get('error') or wheels.get('skipped') or 'installed ' + installed}")
+    installed = "installed " + (", ".join(wheels.get("installed", [])) or "none")
+    lines.append(f"\nWheels: {wheels.get('error') or wheels.get('skipped') or installed}")
     packages = env.get("packages", {})
     lines.append("Packages: " + ", ".join(f"{k} {v}" for k, v in packages.items()))
     missing = {k: v for k, v in env.get("torch_apis", {}).items() if v}
