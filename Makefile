@@ -38,5 +38,16 @@ test: data
 # The wheels a bare GPU node lacks for `make gpu-check` (pins: tools/gpu_wheels.txt), downloaded
 # for its CPython 3.12 without resolving torch; fails above 40 MiB. Needs the package index.
 GPU_WHEELS ?= .whl
+.PHONY: gpu-wheels
 gpu-wheels:
 	$(PYTHON) tools/gpu_wheels.py download --dest $(GPU_WHEELS)
+
+# The GPU check (docs/gpu_fast_path.md): one offline command on a bare GPU node, 9 minutes, a
+# report in OUT. DRY=1 runs every stage on CPU at toy size (CI). Where make is missing:
+# python3 tools/gpu_check.py [--out DIR] [--dry].
+GPU_CHECK_PYTHON ?= python3
+OUT ?= gpu_check_report
+DRY ?=
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) $(if $(filter-out .whl,$(GPU_WHEELS)),--wheels $(GPU_WHEELS)) $(if $(DRY),--dry)
