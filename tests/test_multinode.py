@@ -35,9 +35,11 @@ from rat_plugin.infra import ConfigError
 from rat_plugin.infra.settings import check_settings
 
 TOLERANCE = 1e-5
-# The fp32 norm of a gradient of 2^20 values is off by ~1e-5 (relative) from summation order
-# alone (torch._foreach_norm of N(0, 1) values: 1.0e-5 whole, 3.6e-6 as two shards).
-NORM_TOLERANCE = 3e-5
+# Gradient norms, relative: fp32 norms of the debug model's 1.1M gradient values move by ~1e-5
+# with the summation order. The one process's step-1 gradient normed as FSDP's two dim-0 shards
+# gives exactly the 2-node norm (2.8253446); its whole-tensor norm (2.8253067) is 2.2e-5 below
+# the fp64 norm (2.8253698).
+NORM_TOLERANCE = 1e-4
 TIMEOUT = 300  # seconds per job: everything it started is killed then
 LOGGED = {"training": list(range(1, STEPS + 1)), "validation": [1, STEPS],
           "grad_norm": list(range(1, STEPS + 1))}
@@ -307,3 +309,48 @@ def test_loader_workers_are_refused_as_they_repeat_batches(debug_assets, monkeyp
         "--validation.dataloader.num_workers=1"])
     with pytest.raises(ConfigError, match=r"^\[validation.dataloader\] num_workers=1"):
         check_settings(job, "rat", 16)
+
+
+def test_the_first_failure_of_an_attempt_prints_the_one_line(tmp_path, monkeypatch, capsys):
+    """infra/errors.py in-process, against a real TCP store: the first failing rank prints its
+    line, a later one nothing (its torchrun error file points to the first); a claim older than
+    this process is an earlier attempt's; a lost peer is said to be one."""
+    import time
+
+    import torch.distributed as dist
+
+    from rat_plugin.infra import errors
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    error_file = tmp_path / "error.json"
+    monkeypatch.setattr(errors, "_STARTED", time.time())
+    env = {"TORCHELASTIC_RUN_ID": "job", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_ERROR_FILE": str(error_file)}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    def fail(node, rank, exc):
+        for name, value in (("GROUP_RANK", node), ("RANK", rank), ("LOCAL_RANK", "0")):
+            monkeypatch.setenv(name, value)
+        errors.report(type(exc), exc, None, previous=None)
+        recorded = json.loads(error_file.read_text())["message"]["message"] \
+            if error_file.exists() else None
+        return capsys.readouterr().err, recorded
+
+    bad = ConfigError("[training] max_norm=0.0: ...")
+    assert fail("1", "3", bad) == (
+        "ConfigError: [training] max_norm=0.0: ... [node 1 (%s), rank 3, local rank 0]\n"
+        % errors.socket.gethostname(),
+        "ConfigError: [training] max_norm=0.0: ... [node 1 (%s), rank 3, local rank 0]"
+        % errors.socket.gethostname())
+    assert fail("0", "0", bad) == ("", "the same error as node 1, rank 3")
+    lost = RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1455\nmore")
+    assert fail("0", "1", lost) == ("", "RuntimeError: [pair.cc:553] Connection closed by peer "
+                                        "[127.0.0.1]:1455 (after the job's first failure, on "
+                                        "node 1, rank 3)")
+    monkeypatch.setattr(errors, "_STARTED", time.time() + 1)  # a process of the next attempt
+    printed, _ = fail("0", "1", lost)
+    assert printed.startswith("RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]"
+                              ":1455 [node 0 (") and printed.endswith(
+        "rank 1, local rank 0]; a peer rank died first without a Python error (killed, out of "
+        "memory, a crash): torchrun's log names it and its exit code\n"), printed
