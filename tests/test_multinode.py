@@ -174,9 +174,12 @@ def test_layout_across_nodes_logs_the_one_process_run(name, layout_runs, runs):
                      for n in range(2) for l in range(nproc)}
 
 
-def one_line_per_failure(output: str, attempts: int) -> list[re.Match]:
+def one_line_per_failure(output: str, attempts: int, at_least: int | None = None
+                         ) -> list[re.Match]:
+    """The ranks' error lines: one per attempt (``at_least`` where a rank may be stopped by
+    torchrun's restart before it can print)."""
     lines = error_lines(output)
-    assert len(lines) == attempts, output[-6000:]
+    assert (attempts if at_least is None else at_least) <= len(lines) <= attempts, output[-6000:]
     return lines
 
 
@@ -214,9 +217,10 @@ def test_job_resumes_the_loss_curve_exactly(fault, layout_runs, seed_checkpoint,
     assert "Training starts at step 3" in output, output[-6000:]  # from step-2, the newest sound
     if fault == "rank-killed-mid-save":
         assert re.search(r"checkpoint: skipping \S*step-3: no .metadata", output), output[-6000:]
-    # The survivor's line (the killed rank printed nothing) says a peer died.
-    (line,) = one_line_per_failure(output, attempts=1)
-    assert line.group(3, 4) == ("0", "0") and "a peer rank died first" in line[6], line[0]
+    # The survivor's line (the killed rank printed nothing) says a peer died; torchrun may stop
+    # the survivor for the restart before its collective fails.
+    for line in one_line_per_failure(output, attempts=1, at_least=0):
+        assert line.group(3, 4) == ("0", "0") and "a peer rank died first" in line[6], line[0]
     assert logged(dump) == want  # exactly
     # Each node read steps 1-3, then from the resumed data position 3-4: the same batches.
     reads = [((b["node"], b["step"]), b["input"]) for b in batches(log)]
@@ -275,7 +279,9 @@ def test_a_config_error_on_every_node_is_one_line(tmp_path):
                                                   "--parallelism.pipeline_parallel_degree=2"],
                                nproc=1)
     assert all(code != 0 for code in codes), output[-6000:]
-    for line in one_line_per_failure(output, attempts=2):  # --max-restarts=1: it runs twice
+    # --max-restarts=1: it runs twice. Node 1's failure may restart the job before rank 0 gets
+    # to it; the last attempt, which nothing restarts, always has its line.
+    for line in one_line_per_failure(output, attempts=2, at_least=1):
         assert line.group(2).startswith("ConfigError: [parallelism] pipeline_parallel_degree=2"
                                         ": RAT models have no pipeline plan"), line[0]
         assert line.group(3, 4) == ("0", "0"), line[0]
@@ -354,3 +360,25 @@ def test_the_first_failure_of_an_attempt_prints_the_one_line(tmp_path, monkeypat
                               ":1455 [node 0 (") and printed.endswith(
         "rank 1, local rank 0]; a peer rank died first without a Python error (killed, out of "
         "memory, a crash): torchrun's log names it and its exit code\n"), printed
+
+
+def test_restarts_on_the_agents_store_are_warned_of(monkeypatch, caplog):
+    """torchrun's default lends its agent's store to the ranks for good (a restart can then dial
+    the last attempt's addresses): rank 0 warns when restarts are on; the README's launch, with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, gives the ranks no agent store, and no warning."""
+    from rat_plugin.infra.job import check_restarts
+
+    for name, value in (("RANK", "0"), ("TORCHELASTIC_MAX_RESTARTS", "1"),
+                        ("TORCHELASTIC_USE_AGENT_STORE", "True")):
+        monkeypatch.setenv(name, value)
+    with caplog.at_level("WARNING"):
+        check_restarts()
+    assert "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    caplog.clear()
+    for env in ({"TORCHELASTIC_USE_AGENT_STORE": "False"}, {"TORCHELASTIC_MAX_RESTARTS": "0"}):
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with caplog.at_level("WARNING"):
+                check_restarts()
+    assert caplog.text == ""
