@@ -245,6 +245,9 @@ def test_a_rank_failing_in_every_attempt_ends_the_job_with_one_line(seed_checkpo
     for line in lines:
         assert line.group(2) == "RuntimeError: injected fault at the step of step 2", line[0]
         assert line.group(3, 4, 5) == ("1", "1", "0"), line[0]
+        traceback = Path(line[6].removeprefix("; traceback in "))
+        assert "raise RuntimeError(f\"injected fault" in json.loads(traceback.read_text())[
+            "message"]["extraInfo"]["py_callstack"], line[0]
     records = batches(log)
     assert {(b["node"], b["dp_rank"], b["dp_degree"]) for b in records} == {(0, 0, 2), (1, 1, 2)}
     monkeypatch.chdir(REPO)

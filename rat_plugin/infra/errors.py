@@ -12,15 +12,17 @@ error (killed, out of memory, crashed): torchrun logs that rank's exit code. The
 after the first print nothing. The first is settled in the job's TCP store (``MASTER_ADDR:
 MASTER_PORT``): torchrun's agent holds it, or rank 0 under ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE
 =1`` (the README's launch lines; rank 0 starts it with the process group). A claim older than
-this process is an earlier attempt's, and is replaced. Without a store, rank 0 alone prints:
-before the process group exists an error is the job's settings, the same on every rank; after,
-the store went with rank 0 or its node, which failed first (and said so, or torchrun does).
+this process is an earlier attempt's, and is replaced. Without a store: before the process group
+exists, rank 0 alone prints (the error is the job's settings, the same on every rank); after,
+the store went with rank 0 or its node, which failed first (and said so, or torchrun does), and
+no rank prints.
 
 torch's ``@record`` (on torchtitan's ``Trainer.__init__`` and ``train``) writes every escaping
 exception with its traceback to the file torchrun names in ``TORCHELASTIC_ERROR_FILE``, and
 torchrun's failure report prints that file. The hook runs after ``@record`` and rewrites it:
 with the one line for the plugin's errors, and with a short pointer to the first failure for the
-ranks that failed after it. The first failure of any other exception keeps its traceback there.
+ranks that failed after it. The first failure of any other exception keeps its traceback there,
+and its line names that file (torchrun keeps it after a restart, when no report is printed).
 torchrun's own summary (its traceback and per-rank table) stays: the launcher is torchrun's.
 """
 
@@ -97,7 +99,7 @@ def _job_first_failure(mine: dict) -> dict | None:
     import torch.distributed as dist
 
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and not dist_started():
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and not _dist_started():
         return None  # rank 0 starts the store with the process group
     try:
         socket.create_connection((host, port), timeout=2).close()  # else c10d logs its failure
@@ -107,7 +109,7 @@ def _job_first_failure(mine: dict) -> dict | None:
         return None
 
 
-def dist_started() -> bool:
+def _dist_started() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -136,13 +138,15 @@ def report(exc_type, exc, tb, previous) -> None:
         return _record_for_torchrun(cause_line(exc))
     mine = {**where(), "cause": cause_line(exc), "time": time.time()}
     first = _job_first_failure(mine)
-    started = dist_started()
+    started = _dist_started()
     if first is None and not started and mine["rank"] == "0":
         first = mine  # no store yet: an error every rank meets alike, which rank 0 says
     if first is mine:
         line = located(mine["cause"], mine)
         if not one_line and LOST_PEER.search(str(exc)):
             line += PEER_DIED
+        elif not one_line and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            line += f"; traceback in {os.environ['TORCHELASTIC_ERROR_FILE']}"  # @record's
         print(line, file=sys.stderr, flush=True)
         if one_line:
             _record_for_torchrun(line)
