@@ -24,6 +24,7 @@ from rat_plugin.atomic import atomic_dir, recover
 from rat_plugin.folder import (
     CONFIG_FILE,
     CONFIG_RECORD,
+    DTYPES,
     EMBEDDING,
     TIED_HEAD,
     TOKENIZER_FILES,
@@ -39,7 +40,6 @@ from rat_plugin.folder import (
     shape_problems,
     weight_problem,
 )
-from rat_plugin.generate.arguments import DTYPES
 from rat_plugin.model import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 
 MODEL_PREFIXES = ("tok_embeddings.", "layers.", "norm.", "output.")

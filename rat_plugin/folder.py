@@ -29,6 +29,8 @@ MAX_ABS_WEIGHT = 1e4
 # with: chunk size, window and RoPE base leave no trace in the shapes, so edits to them in
 # config.json can only be detected against this record.
 CONFIG_RECORD = "rat_config"
+# The dtype names config.json and the command lines use.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelFolderError(ValueError):
@@ -41,8 +43,6 @@ class ConfigMismatchWarning(UserWarning):
 
 def dtype_name(dtype: torch.dtype) -> str:
     """"fp32" / "bf16" / "fp16", the names config.json and the command lines use."""
-    from rat_plugin.generate.arguments import DTYPES  # the generate package imports this module
-
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -116,8 +116,6 @@ def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
 
 def checked_config(config, where) -> RATModelArgs:
     """The RATModelArgs of ``folder_config`` contents read from ``where``, its fields checked."""
-    from rat_plugin.generate.arguments import DTYPES  # the generate package imports this module
-
     try:
         if not isinstance(config, dict):
             raise ValueError(f"it holds {type(config).__name__} {config!r:.40}, not an object")

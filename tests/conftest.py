@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture
 def cpu_flex_backward(monkeypatch):
     """Lift torch's CPU guard against flex_attention backward inside one test (what the GPU
-    recipe's dry run does for a whole trainer run: rat_plugin/infra/dry_run.py)."""
+    recipe's dry run does for a whole trainer run: rat_plugin/dry_run.py)."""
     import torch.nn.attention.flex_attention as flex_frontend
 
     monkeypatch.setattr(flex_frontend, "_validate_device", lambda query, key, value: None)

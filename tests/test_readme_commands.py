@@ -64,7 +64,7 @@ RUN_FOR_REAL = {
 SHELL_ONLY = {"mkdir", "mv", "cp", "rm", "ls", "cd", "echo", "printf", "export", "set", "test",
               "exit", "true", "false", "command", "source", "sleep", "touch", "cat", "head",
               "tail", "grep", "sed", "wc", "tee", "find", "du", "df", "git", "scontrol",
-              "squeue", "nvidia-smi", "tensorboard"}
+              "squeue", "nvidia-smi", "tensorboard", "tar"}
 SHELL_KEYWORDS = {"if", "for", "while", "case", "until", "function"}  # compound statements
 LAUNCHERS = {"srun", "time", "nohup", "exec", "env"}  # run the command that follows
 # Environment variables that the user's cluster or shell provides: sample values.

@@ -25,7 +25,8 @@ from rat_plugin.convert import (
     standalone_to_dcp,
     tokenizer_from_config,
 )
-from rat_plugin.generate.arguments import DTYPES, OneLineParser
+from rat_plugin.folder import DTYPES
+from rat_plugin.generate.arguments import OneLineParser
 from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from rat_plugin.folder import DTYPES
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes (non-negative)
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import torch
 from transformers import PreTrainedConfig
 
-from rat_plugin.generate.arguments import DTYPES
+from rat_plugin.folder import DTYPES
 from rat_plugin.model import RATModelArgs
 
 ARG_FIELDS = tuple(f.name for f in dataclasses.fields(RATModelArgs))

@@ -23,7 +23,6 @@ from pathlib import Path
 
 # In dependency order: a module's top-level rat_plugin imports come from modules above it.
 SOURCES = (
-    "rat_plugin.generate.arguments",  # the dtype names of config.json
     "rat_plugin.ops.rope",
     "rat_plugin.ops.chunk_scan",
     "rat_plugin.ops.chunk_attention",
