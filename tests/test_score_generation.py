@@ -122,7 +122,7 @@ def test_a_long_prompt_is_cut_in_the_middle_to_the_budget(small_model_dir, monke
     with pytest.raises(ValueError, match=r"^max_gen_toks=48 leaves no room for a prompt within "
                                          r"max_length=48: raise max_length \(model_args\)"):
         lm.generate_until([SimpleNamespace(args=(short, {"max_gen_toks": 48}))])
-    with pytest.raises(ValueError, match=r"max_length=0: give a whole number of tokens >= 1"):
+    with pytest.raises(ValueError, match=r"^max_length=0 must be >= 1$"):
         harness.RATHarnessModel(pretrained=str(small_model_dir), max_length=0)
 
 

@@ -66,14 +66,6 @@ def _batch_size(value) -> int:
     return value
 
 
-def _max_length(value, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_length={value!r}: give a whole number of tokens >= 1")
-    return value
-
-
 def prompt_budget(max_length: int, max_gen_toks: int) -> int:
     """The tokens a generate_until prompt may have: ``max_length`` less the answer's room."""
     if max_length - max_gen_toks < 1:
@@ -118,7 +110,7 @@ class RATHarnessModel(TemplateLM):
         if add_bos is None:
             add_bos = self.model.config.get("add_bos", True)
         self.add_bos = add_bos and self.bos_id is not None
-        self._max_length = _max_length(max_length, self.model.args.max_seq_len)
+        self._max_length = max_length or self.model.args.max_seq_len
         self.cuda_graph = cuda_graph
 
     @property
@@ -233,8 +225,10 @@ class MiddleCutHFLM(HFLM):
     in the middle (``middle_truncate``) where ``hf`` keeps its last tokens."""
 
     def __init__(self, pretrained, max_length: int | None = None, **kwargs):
+        if max_length is not None:
+            max_length = check_count(max_length, "max_length")
         super().__init__(pretrained=pretrained, max_length=max_length, **kwargs)
-        self._max_length = _max_length(max_length, self.model.config.max_seq_len)
+        self._max_length = max_length or self.model.config.max_seq_len
 
     def tok_batch_encode(self, strings: list[str], padding_side: str = "left",
                          left_truncate_len: int | None = None, truncation: bool = False):
