@@ -3,6 +3,7 @@ independent build of the paper's convention (template, answer-only labels, EOS, 
 packing that keeps each example exactly as it computes alone, and one-line errors."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -268,3 +269,99 @@ def test_packed_examples_compute_as_if_alone(kind, kernels, tmp_path, tokenizer)
         padded_loss = cross_entropy_loss(model(padded), padded_labels) / count
     torch.testing.assert_close(packed_sum.detach() / count, padded_loss, rtol=1e-5, atol=1e-6)
     assert len(windows) < len(examples)  # the point of packing
+
+
+# ------------------------------------------------------------------ bad input
+
+GOOD = {"context": "a story", "input": "who?", "answers": ["Anna"]}
+BAD_RECORDS = {
+    "record-without-the-templates-field": (
+        [GOOD, {"context": "a story", "answers": ["Ben"]}], {},
+        r"^\[training\] dataset 'sft' record 1: the record's field 'input', which template "
+        r"'Story: \{context\}\\n\\nQuestion: \{input\}\\n\\nAnswer:' names, is null \(or "
+        r"missing in this record of a table\): give it a value or drop the record$"),
+    "template-naming-a-missing-field": (
+        [GOOD], {"template": "Document: {document}\n\nAnswer:"},
+        r"^\[training\] dataset 'sft' record 0: the record has no field 'document', which "
+        r"template 'Document: \{document\}\\n\\nAnswer:' names \(the record has: context, input, "
+        r"answers\)"),
+    "empty-answer": (
+        [GOOD, {**GOOD, "answers": ["  "], "_id": "q-7"}], {},
+        r"^\[training\] dataset 'sft' record 1 \(q-7\): the record has an empty answer in field "
+        r"'answers' \(\['  '\]\): fine-tuning needs an answer to train on: fix or drop the "
+        r"record$"),
+    "no-answers-at-all": (
+        [{**GOOD, "answers": []}], {}, r"record 0: the record has an empty answer in field"),
+    "answer-field-missing": (
+        [GOOD], {"answer_field": "answer"},
+        r"record 0: the record has no answer field 'answer' \(it has: context, input, answers\): "
+        r"set \[sft\] answer_field to the field holding the answer$"),
+    "answer-field-not-text": (
+        [{**GOOD, "answers": 3}], {},
+        r"record 0: the answer field 'answers' holds int, not a string or a list of strings"),
+    "seq-len-cannot-hold-the-answer": (
+        [GOOD, {**GOOD, "answers": [text(40)]}], {"seq_len": 32},
+        r"^\[training\] dataset 'sft' record 1: the answer has \d\d tokens: with BOS, EOS and at "
+        r"least one prompt token that needs \d\d > seq_len=32 tokens \(the answer is never "
+        r"cut\): use a longer seq_len or drop the record$"),
+    "unknown-template-name": (
+        [GOOD], {"template": "storyqa"},
+        r"^\[sft\] template: template 'storyqa' is neither a built-in name \(narrativeqa, "),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECORDS))
+def test_bad_input_is_one_line(case, tmp_path, tokenizer):
+    records, options, message = BAD_RECORDS[case]
+    write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(ConfigError) as err:
+        list(iter(dataset(tokenizer, tmp_path, **options)))
+    assert "\n" not in str(err.value)
+    assert re.search(message, str(err.value)), str(err.value)
+
+
+def test_a_record_past_the_measured_ones_fails_when_it_is_reached(tmp_path, tokenizer,
+                                                                  monkeypatch):
+    """The start reads only the first records; a bad one later stops training at that record,
+    with the same line."""
+    import rat_plugin.data.sft as sft
+
+    monkeypatch.setattr(sft, "MEASURED", 2)
+    write_jsonl(tmp_path / "train.jsonl", [GOOD] * 3 + [{**GOOD, "answers": [""]}])
+    data = dataset(tokenizer, tmp_path)
+    with pytest.raises(ConfigError, match=r"^\[training\] dataset 'sft' record 3: the record "
+                       "has an empty answer"):
+        list(iter(data))
+
+
+def job(*overrides: str):
+    from torchtitan.config import ConfigManager
+
+    from conftest import REPO
+
+    return ConfigManager().parse_args(
+        ["--job.config_file", str(REPO / "train_configs" / "rat_debug_sft.toml"), *overrides])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--training.dataset", "sft", "--training.dataset_path", "{tmp}/data", "--sft.template="],
+     r"^\[sft\] template is not set for \[training\] dataset='sft': name one of narrativeqa, "
+     r"qmsum, wikisum, rat_longqa or give a template string over the records' fields$"),
+    (["--training.dataset", "sft"],
+     r"^dataset 'sft' not found at \(not set\): set \[training\] dataset_path "
+     r"\(--training.dataset_path\) or point it at instruction records \(docs/sft.md\)$"),
+    (["--training.dataset", "sft", "--training.dataset_path", "{tmp}", "--sft.template",
+      "qmsum"],
+     r"^no train data at .*: dataset_path must be a .jsonl/.json/.parquet file or a folder "
+     r"with train.jsonl, train.json, train.parquet, train-\*.parquet"),
+    (["--training.dataset_path", "{tmp}/nowhere"],
+     r"^dataset 'rat_longqa' not found at .*nowhere/train.jsonl: set \[training\] dataset_path "
+     r"\(--training.dataset_path\) or run `python -m rat_plugin.data.prepare`"),
+])
+def test_bad_sft_settings_are_one_line(overrides, message, tmp_path, tokenizer):
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "train.jsonl", [GOOD])
+    config = job(*(o.format(tmp=tmp_path) for o in overrides))
+    with pytest.raises(ConfigError) as err:
+        ts.build_dataloader(dp_world_size=1, dp_rank=0, tokenizer=tokenizer, job_config=config)
+    assert re.search(message, str(err.value)), str(err.value)

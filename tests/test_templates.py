@@ -27,8 +27,8 @@ def test_a_user_template_string_reaches_nested_fields():
     ("Doc: {document}", RECORD, "the record has no field 'document', which template "
      "'Doc: {document}' names"),
     ("{answers[2]}", RECORD, "the record has no field 'answers[2]'"),
-    ("narrativeqa", {"context": None, "input": "q"}, "the record's field 'context' "
-     "(template 'narrativeqa') is null"),
+    ("narrativeqa", {"context": None, "input": "q"}, "the record's field 'context', which "
+     "template 'narrativeqa' names, is null (or missing in this record of a table): give it"),
     ("storyqa", RECORD, "template 'storyqa' is neither a built-in name (narrativeqa, "),
     ("Story: {context", RECORD, "is not a format string"),
     ("Story: {}", RECORD, "has a positional field"),

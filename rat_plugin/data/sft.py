@@ -166,11 +166,11 @@ class InstructionPackedDataset(DocumentPackedDataset):
             f", {100 * stats['labels']:.1f}% are labels; {stats['cut']} prompts cut in the middle"
         )
 
-    def packing_stats(self, records: int = MEASURED) -> dict:
-        """The packing of the first ``records`` records: examples, prompts cut, and the share
+    def packing_stats(self) -> dict:
+        """The packing of the first ``MEASURED`` records: examples, prompts cut, and the share
         of window tokens that are padding, labels, and padding with one example per window."""
         windows, used, lengths, labels, cut = 0, self.seq_len, [], 0, 0
-        for index, record in enumerate(self._data.take(records)):  # take(): keeps the position
+        for index, record in enumerate(self._data.take(MEASURED)):  # take(): keeps the position
             for tokens, flags, was_cut in self._examples(record, index):
                 size = len(tokens) + -len(tokens) % self.chunk_size
                 if used + len(tokens) > self.seq_len:
