@@ -365,3 +365,32 @@ def test_bad_sft_settings_are_one_line(overrides, message, tmp_path, tokenizer):
     with pytest.raises(ConfigError) as err:
         ts.build_dataloader(dp_world_size=1, dp_rank=0, tokenizer=tokenizer, job_config=config)
     assert re.search(message, str(err.value)), str(err.value)
+
+
+def test_a_missing_pretrained_checkpoint_is_one_line(tmp_path):
+    from rat_plugin.infra.resume import check_resume
+
+    config = job(f"--checkpoint.initial_load_path={tmp_path}/nowhere",
+                 f"--job.dump_folder={tmp_path}/run")
+    with pytest.raises(ConfigError, match=r"^\[checkpoint\] initial_load_path=.*nowhere does not "
+                       r"exist: point it at the weights to start from \(a step folder of a run, "
+                       r"or a seed from tools/convert_checkpoint.py --to-dcp\)"):
+        check_resume(config)
+
+
+# ------------------------------------------------------------------ the recipes
+
+
+@pytest.mark.parametrize("config", ["rat_1p3b_sft.toml", "rat_swa_1p3b_sft.toml"])
+def test_1p3b_sft_configs_read_the_papers_data(config):
+    """The optimizer, schedule and batch: test_train_spec.py, with the pretraining recipes."""
+    from torchtitan.config import ConfigManager
+
+    from conftest import REPO
+
+    c = ConfigManager().parse_args(["--job.config_file", str(REPO / "train_configs" / config)])
+    assert (c.training.dataset, c.validation.dataset) == ("sft", "sft_validation")
+    assert c.validation.enable and c.validation.steps > 0  # -1 is refused under FSDP
+    assert (c.sft.template, c.sft.answer_field, c.sft.bos) == ("narrativeqa", "answers", True)
+    assert c.checkpoint.initial_load_path and c.checkpoint.initial_load_model_only
+    assert c.model.name == config.removesuffix("_1p3b_sft.toml")

@@ -3,8 +3,11 @@
 Each record is a few stories of the debug corpus's grammar (``corpus.py``) with facts spliced in
 at sentence boundaries; the question names one fact's key and the answer is the name or object
 that fact states, a word the context holds exactly once (facts only use names and objects that
-appear nowhere else in the context). The other facts are distractors of the same kinds, so the
-answer must be found by its key, not by position. Records are in LongBench's format::
+appear nowhere else in the context). Two kinds of facts alternate, each with its marker phrase
+("The red ball belongs to Nora." / "Ben keeps a kite in the park."), and the question repeats
+its fact's marker and key ("Who does the red ball belong to?"): the other facts are distractors,
+so the answer must be found by what the question says, not by position. Records are in
+LongBench's format::
 
     {"input": question, "context": stories, "answers": [answer], "length": words in context,
      "dataset": "rat_longqa", "language": "en", "all_classes": null, "_id": "rat_longqa-test-7"}
@@ -33,10 +36,12 @@ def _words(text: str) -> set[str]:
 def _facts(rng: random.Random, used: set[str], count: int) -> list[tuple[str, str, str]]:
     """``count`` facts (sentence, question, answer) with distinct keys, whose answers are names
     or things not in ``used`` (which grows with every word the facts add) and which no other
-    fact's key repeats."""
+    fact's key repeats; the kinds alternate from a random first one (two facts: one of each,
+    so the question's words say which fact answers it)."""
     facts, keys, answers = [], set(), set()
+    first = rng.randrange(2)
     while len(facts) < count:
-        if rng.random() < 0.5:  # a name, keyed by a described thing
+        if (first + len(facts)) % 2 == 0:  # a name, keyed by a described thing
             answer = rng.choice([n for n in NAMES if n not in used])
             adj, thing = rng.choice(ADJECTIVES), rng.choice(THINGS)
             key = (adj, thing)
