@@ -352,8 +352,8 @@ def job(*overrides: str):
      r"\(--training.dataset_path\) or point it at instruction records \(docs/sft.md\)$"),
     (["--training.dataset", "sft", "--training.dataset_path", "{tmp}", "--sft.template",
       "qmsum"],
-     r"^no train data at .*: dataset_path must be a .jsonl/.json/.parquet file or a folder "
-     r"with train.jsonl, train.json, train.parquet, train-\*.parquet"),
+     r"^no train data at .*: give a .jsonl/.json/.parquet file or a folder with train.jsonl, "
+     r"train.json, train.parquet, train-\*.parquet"),
     (["--training.dataset_path", "{tmp}/nowhere"],
      r"^dataset 'rat_longqa' not found at .*nowhere/train.jsonl: set \[training\] dataset_path "
      r"\(--training.dataset_path\) or run `python -m rat_plugin.data.prepare`"),

@@ -56,8 +56,8 @@ def load_split(path: str | Path, split: str) -> Dataset:
     if not files:
         looked = "a .jsonl/.json/.parquet file or a folder with " + ", ".join(
             p.format(split=split) for p in SPLIT_FILES)
-        raise ConfigError(f"no {split} data at {path}: dataset_path must be {looked}, or a "
-                          "folder saved by datasets' save_to_disk")
+        raise ConfigError(f"no {split} data at {path}: give {looked}, or a folder saved by "
+                          "datasets' save_to_disk")
     kinds = {FORMATS.get(f.suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise ConfigError(f"{files[0]}: give .jsonl, .json or .parquet files (one kind)")
