@@ -194,7 +194,7 @@ def test_packing_stats_count_what_the_windows_hold(tmp_path, tokenizer):
     examples = expected_examples(tokenizer, RECORDS, SEQ_LEN)
     stats = dataset(tokenizer, tmp_path).packing_stats()
     total = len(windows) * SEQ_LEN
-    assert stats["examples"] == len(examples)
+    assert stats["examples"] == len(examples) and stats["windows"] == len(windows)
     assert stats["cut"] == sum(cut for _, _, cut in examples) >= 2
     used = sum(len(t) for t, _, _ in examples)
     assert stats["padding"] == pytest.approx(1 - used / total)

@@ -161,14 +161,16 @@ class InstructionPackedDataset(DocumentPackedDataset):
         logger.info(
             f"Instruction packing ({self.dataset_name}, template {self.template!r}, "
             f"seq_len={self.seq_len}, chunk_size={self.chunk_size}): over the first "
-            f"{stats['examples']} examples, {100 * stats['padding']:.1f}% of the window tokens "
-            f"are padding (one example per window: {100 * stats['padding_one_per_window']:.1f}%)"
-            f", {100 * stats['labels']:.1f}% are labels; {stats['cut']} prompts cut in the middle"
+            f"{stats['examples']} examples, {stats['examples'] / max(stats['windows'], 1):.2f} "
+            f"per window, {100 * stats['padding']:.1f}% of the window tokens are padding (one "
+            f"example per window: {100 * stats['padding_one_per_window']:.1f}%), "
+            f"{100 * stats['labels']:.1f}% are labels; {stats['cut']} prompts cut in the middle"
         )
 
     def packing_stats(self) -> dict:
-        """The packing of the first ``MEASURED`` records: examples, prompts cut, and the share
-        of window tokens that are padding, labels, and padding with one example per window."""
+        """The packing of the first ``MEASURED`` records: examples, windows, prompts cut, and the
+        share of window tokens that are padding, labels, and padding with one example per
+        window."""
         windows, used, lengths, labels, cut = 0, self.seq_len, [], 0, 0
         for index, record in enumerate(self._data.take(MEASURED)):  # take(): keeps the position
             for tokens, flags, was_cut in self._examples(record, index):
@@ -180,7 +182,8 @@ class InstructionPackedDataset(DocumentPackedDataset):
                 labels += sum(flags)
                 cut += was_cut
         total = max(windows * self.seq_len, 1)
-        return {"examples": len(lengths), "cut": cut, "labels": labels / total,
+        return {"examples": len(lengths), "windows": windows, "cut": cut,
+                "labels": labels / total,
                 "padding": 1 - sum(lengths) / total,
                 "padding_one_per_window": 1 - sum(lengths) / max(len(lengths) * self.seq_len, 1)}
 
