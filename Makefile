@@ -11,7 +11,7 @@ ARGS ?=
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: install data train-debug test
+.PHONY: install data train-debug test gpu-wheels
 
 install:
 	@if $(PYTHON) -c "import importlib.metadata as m; [m.version(d) for d in ('rat-titan', \
@@ -34,3 +34,20 @@ train-debug: data
 
 test: data
 	$(PYTHON) -m pytest -q
+
+# The wheels a bare GPU node lacks for `make gpu-check` (pins: tools/gpu_wheels.txt), downloaded
+# for its CPython 3.12 without resolving torch; fails above 40 MiB. Needs the package index.
+GPU_WHEELS ?= .whl
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(PYTHON) tools/gpu_wheels.py download --dest $(GPU_WHEELS)
+
+# The GPU check (docs/gpu_fast_path.md): one offline command on a bare GPU node, 9 minutes, a
+# report in OUT. DRY=1 runs every stage on CPU at toy size (CI). Where make is missing:
+# python3 tools/gpu_check.py [--out DIR] [--dry].
+GPU_CHECK_PYTHON ?= python3
+OUT ?= gpu_check_report
+DRY ?=
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) $(if $(filter-out .whl,$(GPU_WHEELS)),--wheels $(GPU_WHEELS)) $(if $(DRY),--dry)

@@ -24,13 +24,16 @@ from rat_plugin.atomic import atomic_dir, recover
 from rat_plugin.folder import (
     CONFIG_FILE,
     CONFIG_RECORD,
+    DTYPES,
     EMBEDDING,
     TIED_HEAD,
     TOKENIZER_FILES,
     WEIGHTS_FILE,
     ModelFolderError,
+    checked_config,
     config_record,
     dtype_name,
+    expected_shapes,
     folder_config,
     listing,
     read_config,
@@ -245,19 +248,39 @@ def fitting_models(
     return fits
 
 
-def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
+def only_fit(shapes: dict[str, torch.Size], kinds, where, hint: str):
+    """The one (kind, flavor, args) among ``kinds`` whose weights have these shapes. Several:
+    ``hint`` says how to choose; none: the nearest flavor and how it differs (no flag helps)."""
+    fits = fitting_models(shapes, kinds)
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        found = ", ".join(f"{k}/{f}" for k, f, _ in fits)
+        raise ConversionError(
+            f"cannot tell the model from the checkpoint shapes (matching kind/flavor: {found}): "
+            f"{hint}"
+        )
+
+    def differences(candidate) -> int:
+        expected = expected_shapes(candidate[2])
+        return sum(tuple(shapes.get(k, ())) != tuple(v) for k, v in expected.items()
+                   if k != TIED_HEAD) + sum(k not in expected for k in shapes)
+
+    kind, flavor, args = min(((k, f, make_args(k, f)) for k in kinds for f in FLAVORS),
+                             key=differences)
+    raise ConversionError(
+        f"{where}: its shapes fit no model here: the nearest, {kind}/{flavor}, has "
+        f"{shape_problems(args, shapes)}; models of other sizes cannot be converted"
+    )
+
+
+def spec_from_shapes(shapes: dict[str, torch.Size], where) -> ModelSpec:
     """Infer kind and flavor from weight shapes; raise unless exactly one (kind, flavor) fits.
 
     Chunk size, window and RoPE base leave no trace in the shapes: they are the flavor's.
     """
-    fits = fitting_models(shapes)
-    if len(fits) != 1:
-        found = ", ".join(f"{k}/{f}" for k, f, _ in fits) or "none"
-        raise ConversionError(
-            f"cannot tell the model from the checkpoint shapes (matching kind/flavor: {found}): "
-            "pass --config TRAIN.toml or --model-name and --flavor"
-        )
-    kind, flavor, args = fits[0]
+    kind, flavor, args = only_fit(shapes, MODEL_KINDS, where,
+                                  "pass --config TRAIN.toml or --model-name and --flavor")
     return ModelSpec(kind, flavor, args, "checkpoint shapes")
 
 
@@ -266,12 +289,13 @@ def spec_from_shapes(shapes: dict[str, torch.Size]) -> ModelSpec:
 
 def check_output(
     src: str | os.PathLike, out: str | os.PathLike, force: bool, source: str, written_by_us,
-    log=print,
+    log=print, reads=(),
 ) -> None:
     """Refuse an output that is, lies inside or contains the source (whatever ``force``), and
     an existing output unless ``written_by_us(out)`` says this tool wrote it and ``force`` is
     given: nothing but a previous export is ever replaced. What a killed write left is
-    repaired first, so the check sees the folder the path really holds."""
+    repaired first (keeping the source and the other folders the run ``reads``), so the check
+    sees the folder the path really holds."""
     src, out = Path(src).resolve(), Path(out).resolve()
     relation = (
         "is" if out == src else "is inside" if src in out.parents
@@ -283,7 +307,7 @@ def check_output(
         )
     if out.parent.is_dir():
         try:
-            recover(out, log)
+            recover(out, log, (src, *filter(None, reads)))
         except OSError as err:
             raise ConversionError(f"cannot repair {out} ({err}): {err.filename} is in the way")\
                 from None
@@ -322,13 +346,14 @@ def is_dcp_seed(folder: Path) -> bool:
 
 
 @contextmanager
-def output_folder(out: Path, force: bool, log) -> Iterator[Path]:
-    """``atomic_dir`` with file-system errors (read-only folder, disk full) as one line; the
-    writers report them in their own types (safetensors, DCP)."""
+def output_folder(out: Path, force: bool, log, reads=()) -> Iterator[Path]:
+    """``atomic_dir`` (keeping the folders the run ``reads``) with file-system errors (read-only
+    folder, disk full) as one line; the writers report them in their own types (safetensors,
+    DCP)."""
     from safetensors import SafetensorError
 
     try:
-        with atomic_dir(out, force, log) as tmp:
+        with atomic_dir(out, force, log, filter(None, reads)) as tmp:
             yield tmp
     except (OSError, SafetensorError, CheckpointException) as err:
         if isinstance(err, CheckpointException):  # DCP: the first rank's failure
@@ -363,12 +388,17 @@ def dcp_to_standalone(
     tokenizer_dir: str | os.PathLike | None = None,
     log=print,
 ) -> ModelSpec:
-    """Export a torchtitan DCP step folder to ``out_dir`` (atomically). Returns what was learnt."""
+    """Export a torchtitan DCP step folder to ``out_dir`` (atomically). Returns what was learnt.
+    A seed of ours gives back the folder it was made from (its settings are in SEED_MARKER)."""
     out = Path(out_dir)
-    check_output(step_dir, out, force, "source checkpoint", is_model_folder, log)
+    check_output(step_dir, out, force, "source checkpoint", is_model_folder, log, [tokenizer_dir])
     names = read_dcp_shapes(step_dir)
     shapes = {k: m.size for k, m in names.items()}
-    spec = spec or spec_from_shapes(shapes)
+    folder = seed_folder(step_dir)
+    if folder is not None and spec is None:
+        args = RATModelArgs(**folder["args"])
+        spec = ModelSpec(folder["model_kind"], folder.get("flavor"), args, SEED_MARKER)
+    spec = spec or spec_from_shapes(shapes, step_dir)
     log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source})")
     check_shapes(spec.args, shapes, str(step_dir))
     state = load_dcp_model(step_dir, names)
@@ -378,8 +408,29 @@ def dcp_to_standalone(
         raise ConversionError(
             f"{step_dir}: output.weight differs from tok_embeddings.weight, but RAT models tie them"
         )
-    write_folder(state, spec, out, dtype, force, tokenizer_dir, log=log)
+    if folder is not None:
+        dtype = dtype or DTYPES[folder.get("dtype", "fp32")]
+    add_bos = True if folder is None else folder.get("add_bos", True)
+    write_folder(state, spec, out, dtype, force, tokenizer_dir, add_bos, log, reads=[step_dir])
     return spec
+
+
+def seed_folder(step_dir: str | os.PathLike) -> dict | None:
+    """The settings (``folder_config``) of the model folder a DCP seed of ours was made from;
+    None for any other DCP folder (and seeds of earlier versions, which kept none)."""
+    path = Path(step_dir) / SEED_MARKER
+    if not path.is_file():
+        return None
+    try:
+        folder = json.loads(path.read_text()).get("folder")
+    except (ValueError, AttributeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is invalid ({err}): write the seed again") from None
+    if folder is not None:
+        try:
+            checked_config(folder, path)
+        except ModelFolderError as err:
+            raise ConversionError(str(err)) from None
+    return folder
 
 
 def write_folder(
@@ -391,21 +442,32 @@ def write_folder(
     tokenizer_dir: str | os.PathLike | None = None,
     add_bos: bool = True,
     log=print,
+    reads=(),
 ) -> None:
-    """Write checked weights (the tied head dropped) as a standalone folder, atomically."""
+    """Write checked weights (the tied head dropped) as a standalone folder, atomically
+    (keeping the tokenizer folder and the other folders the run ``reads``)."""
     from safetensors.torch import save_file
 
-    dtype = dtype or state[EMBEDDING].dtype
+    dtype = dtype or folder_dtype(state[EMBEDDING].dtype, log)
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
     config = folder_config(spec.kind, spec.flavor, spec.args, dtype, add_bos)
     metadata = {"format": "pt", CONFIG_RECORD: config_record(config)}
-    with output_folder(out, force, log) as tmp:
+    with output_folder(out, force, log, [tokenizer_dir, *reads]) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_dir is not None:
             log(f"tokenizer: copied {', '.join(copy_tokenizer(tokenizer_dir, tmp))}")
     nparams = sum(v.numel() for v in state.values())
     log(f"wrote {out} ({nparams:,} parameters, {dtype_name(dtype)})")
+
+
+def folder_dtype(dtype: torch.dtype, log=print) -> torch.dtype:
+    """``dtype`` where model folders hold it (the loader's DTYPES), else fp32, saying so."""
+    if dtype in DTYPES.values():
+        return dtype
+    log(f"dtype: the weights are {dtype_name(dtype)}, which model folders do not hold (fp32, "
+        "bf16, fp16): written as fp32 (--dtype chooses)")
+    return torch.float32
 
 
 def standalone_to_dcp(
@@ -426,6 +488,8 @@ def standalone_to_dcp(
     check_output(model_dir, out, force, "source model folder", is_dcp_seed, log)
     try:
         config, args = read_config(model_dir)
+        folder = folder_config(config["model_kind"], config.get("flavor"), args,
+                               DTYPES[config.get("dtype", "fp32")], config.get("add_bos", True))
     except ModelFolderError as err:
         raise ConversionError(str(err)) from None
     weights = Path(model_dir) / WEIGHTS_FILE
@@ -438,7 +502,7 @@ def standalone_to_dcp(
             from None
     check_shapes(args, {k: v.shape for k, v in state.items()}, str(weights))
     refuse_bad_weights(state, weights)
-    write_dcp_seed(state, out, dtype, force, config.get("model_kind"), log)
+    write_dcp_seed(state, out, dtype, force, folder, log, reads=[model_dir])
 
 
 def write_dcp_seed(
@@ -446,14 +510,19 @@ def write_dcp_seed(
     out: Path,
     dtype: torch.dtype | None,
     force: bool,
-    kind: str | None,
+    folder: dict,
     log=print,
+    reads=(),
 ) -> None:
-    """Write checked weights as a model-only DCP checkpoint (fp32 unless ``dtype``), atomically."""
+    """Write checked weights as a model-only DCP checkpoint (fp32 unless ``dtype``), atomically.
+    ``folder``: the settings of the model folder the weights come from (``folder_config``),
+    kept in SEED_MARKER, so converting the seed back gives that folder."""
     dtype = dtype or torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     state[TIED_HEAD] = state[EMBEDDING]  # torchtitan saves both names
-    with output_folder(out, force, log) as tmp:
+    kind = folder["model_kind"]
+    marker = {"model_kind": kind, "dtype": dtype_name(dtype), "folder": folder}
+    with output_folder(out, force, log, reads) as tmp:
         dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
-        (tmp / SEED_MARKER).write_text(json.dumps({"model_kind": kind, "dtype": dtype_name(dtype)}))
+        (tmp / SEED_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     log(f"wrote DCP checkpoint {out} (kind={kind}, {dtype_name(dtype)})")

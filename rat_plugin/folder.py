@@ -10,11 +10,12 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from rat_plugin.model import RATModel, RATModelArgs
+from rat_plugin.model import MODEL_KINDS, RATModel, RATModelArgs
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -28,16 +29,20 @@ MAX_ABS_WEIGHT = 1e4
 # with: chunk size, window and RoPE base leave no trace in the shapes, so edits to them in
 # config.json can only be detected against this record.
 CONFIG_RECORD = "rat_config"
+# The dtype names config.json and the command lines use.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelFolderError(ValueError):
     """A model folder problem, with a one-line explanation of the fix."""
 
 
+class ConfigMismatchWarning(UserWarning):
+    """config.json differs from the configuration the weights were exported with."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """"fp32" / "bf16" / "fp16", the names config.json and the command lines use."""
-    from rat_plugin.generate.arguments import DTYPES  # the generate package imports this module
-
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
@@ -73,6 +78,19 @@ def config_edits(config: dict, record: str) -> list[str]:
     ]
 
 
+def warn_config_edits(config: dict, record: str | None, config_path, stacklevel: int) -> None:
+    """A ConfigMismatchWarning naming every field of ``config`` (config.json contents in the
+    ``folder_config`` layout) that differs from the exported ``record``, if any."""
+    edits = config_edits(config, record) if record else []
+    if edits:
+        warnings.warn(
+            f"{config_path} was edited after export: {', '.join(edits)}; the model may compute "
+            "garbage: restore those values or convert the checkpoint again",
+            ConfigMismatchWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
     """(config.json contents, RATModelArgs) of a model folder."""
     folder = Path(model_dir)
@@ -85,20 +103,35 @@ def read_config(model_dir: str | os.PathLike) -> tuple[dict, RATModelArgs]:
         raise ModelFolderError(f"{folder} has no {CONFIG_FILE}: is it a converted model folder?")
     try:
         config = json.loads(path.read_text())
-        if isinstance(config, dict) and "model_type" in config and "args" not in config:
-            raise ModelFolderError(
-                f"{folder} is a transformers folder (model_type {config['model_type']!r}), not "
-                "a standalone one: load it with AutoModelForCausalLM after `import "
-                "rat_plugin.hf`, or use the folder it was exported from"
-            )
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
+    if isinstance(config, dict) and "model_type" in config and "args" not in config:
+        raise ModelFolderError(
+            f"{folder} is a transformers folder (model_type {config['model_type']!r}), not "
+            "a standalone one: load it with AutoModelForCausalLM after `import "
+            "rat_plugin.hf`, or use the folder it was exported from"
+        )
+    return config, checked_config(config, path)
+
+
+def checked_config(config, where) -> RATModelArgs:
+    """The RATModelArgs of ``folder_config`` contents read from ``where``, its fields checked."""
+    try:
+        if not isinstance(config, dict):
+            raise ValueError(f"it holds {type(config).__name__} {config!r:.40}, not an object")
         args = RATModelArgs(**config["args"])
         if not isinstance(config.get("add_bos", True), bool):
             raise ValueError(f"add_bos={config['add_bos']!r} must be true or false")
-    except ModelFolderError:
-        raise
+        dtype = config.get("dtype", "fp32")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+        if config.get("model_kind") not in MODEL_KINDS:
+            raise ValueError(f"model_kind={config.get('model_kind')!r} is not one of "
+                             f"{sorted(MODEL_KINDS)}")
     except (ValueError, KeyError, TypeError) as err:
-        raise ModelFolderError(f"{path} is invalid ({err}): convert the checkpoint again") from None
-    return config, args
+        raise ModelFolderError(f"{where} is invalid ({err}): convert the checkpoint again") \
+            from None
+    return args
 
 
 def listing(keys, limit: int = 12) -> str:

@@ -8,6 +8,7 @@ rows (z, v, g, q, k for RAT, v, q, k for attention). The model math is the same,
 reproduces the source model's logits to rounding.
 """
 
+import math
 import os
 import pickle
 import re
@@ -22,14 +23,15 @@ from rat_plugin.convert import (
     ModelSpec,
     check_output,
     check_shapes,
-    fitting_models,
+    folder_dtype,
     is_model_folder,
     is_dcp_seed,
+    only_fit,
     refuse_bad_weights,
     write_dcp_seed,
     write_folder,
 )
-from rat_plugin.folder import EMBEDDING, listing
+from rat_plugin.folder import EMBEDDING, folder_config, listing
 from rat_plugin.model import MODEL_KINDS, make_args
 
 COMPILE_PREFIX = "_orig_mod."
@@ -145,8 +147,9 @@ class _RestrictedPickle:
         return _Unpickler(file, **kwargs).load()
 
 
-def read_paper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(weights without the compile prefix, configuration or {}) of a checkpoint file."""
+def read_paper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], object]:
+    """(weights without the compile prefix, configuration as pickled: None when absent) of a
+    checkpoint file."""
     path = Path(path)
     if path.is_dir():
         raise ConversionError(
@@ -179,8 +182,7 @@ def read_paper_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise ConversionError(f"{path}: 'task' entries that are not tensors: {listing(bad)}")
-    config = ckpt.get("config")
-    return state, config if isinstance(config, dict) else {}
+    return state, ckpt.get("config")
 
 
 def map_weights(state: dict[str, torch.Tensor], where) -> dict[str, torch.Tensor]:
@@ -239,30 +241,65 @@ def _split_in_proj(weight: torch.Tensor, dim: int, layer: str, where) -> dict:
     return {f"layers.{layer}.mixer.{n}.weight": b for n, b in zip(names, blocks)}
 
 
-def _get(config: dict, *path):
-    for key in path:
-        config = config.get(key) if isinstance(config, dict) else None
-    return config
+class _Config:
+    """Typed reads of the run's configuration by dotted path (None where absent): a value of
+    the wrong type is refused in one line naming it."""
 
-
-def settings_from_config(config: dict) -> dict:
-    """What shapes do not show, from the run's configuration: the mixers by layer parity, chunk
-    size, window, RoPE base, training length and head size (None where absent)."""
-    backbone = _get(config, "model", "backbone") or {}
-    interleaved = backbone.get("_name_") == "sequence_interleave"
-    even = backbone.get("seq_cell1" if interleaved else "seq_cell") or {}
-    odd = backbone.get("seq_cell") or {}
-    return {
-        "even": even.get("_name_"),
-        "odd": odd.get("_name_") if interleaved else None,
-        "chunk_size": even.get("chunk_size"),
-        "swa_window": odd.get("window_size") if interleaved else None,
-        "rope_base": _get(config, "model", "embedding", "pe", "base"),
-        "max_seq_len": _get(config, "data", "seq_len"),
-        "head_dim": even.get("d_head"),
-        "act_fn": _get(backbone, "hidden_cell", "act_fn"),
-        "interleave_step": backbone.get("interleave_step") if interleaved else None,
+    KINDS = {
+        "section": ("a section", lambda v: isinstance(v, dict)),
+        "name": ("a name", lambda v: isinstance(v, str)),
+        "count": ("a positive integer",
+                  lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
+        "number": ("a positive finite number", lambda v: isinstance(v, (int, float))
+                   and not isinstance(v, bool) and 0 < v < math.inf),
     }
+
+    def __init__(self, config: dict, where):
+        self.config, self.where = config, where
+
+    def __call__(self, path: str, kind: str):
+        value, keys = self.config, path.split(".")
+        for depth, key in enumerate(keys):
+            if not isinstance(value, dict):
+                self._refuse(".".join(keys[:depth]), value, "section")
+            value = value.get(key)
+            if value is None:
+                return None
+        if not self.KINDS[kind][1](value):
+            self._refuse(path, value, kind)
+        return value
+
+    def _refuse(self, path: str, value, kind: str):
+        raise ConversionError(
+            f"{self.where}: {path}={value!r:.60} in the checkpoint's configuration must be "
+            f"{self.KINDS[kind][0]}: is this a checkpoint of the paper's code, unedited?"
+        )
+
+
+def settings_from_config(config: dict, where) -> dict:
+    """What shapes do not show, from the run's configuration: the mixers by layer parity, chunk
+    size, window, RoPE base, training length and head size (None where absent), and the config
+    path each came from."""
+    read = _Config(config, where)
+    backbone = "model.backbone"
+    interleaved = read(f"{backbone}._name_", "name") == "sequence_interleave"
+    even = f"{backbone}.seq_cell1" if interleaved else f"{backbone}.seq_cell"
+    odd = f"{backbone}.seq_cell"
+    for section in (even, odd, f"{backbone}.hidden_cell", "model.embedding.pe", "data"):
+        read(section, "section")
+    paths = {
+        "even": (f"{even}._name_", "name"),
+        "odd": (f"{odd}._name_" if interleaved else None, "name"),
+        "chunk_size": (f"{even}.chunk_size", "count"),
+        "swa_window": (f"{odd}.window_size" if interleaved else None, "count"),
+        "rope_base": ("model.embedding.pe.base", "number"),
+        "max_seq_len": ("data.seq_len", "count"),
+        "head_dim": (f"{even}.d_head", "count"),
+        "act_fn": (f"{backbone}.hidden_cell.act_fn", "name"),
+        "interleave_step": (f"{backbone}.interleave_step" if interleaved else None, "count"),
+    }
+    settings = {k: path and read(path, kind) for k, (path, kind) in paths.items()}
+    return {**settings, "paths": {k: path for k, (path, _) in paths.items()}}
 
 
 KINDS_BY_MIXERS = {
@@ -271,12 +308,21 @@ KINDS_BY_MIXERS = {
     ("attention", None): "rat_attn",
     ("attention", "local_attention"): "rat_attn_swa",
 }
+# Settings the shapes do not show, as RATModelArgs fields.
+SHAPELESS = ("chunk_size", "swa_window", "rope_base", "max_seq_len")
 
 
-def paper_spec(state: dict[str, torch.Tensor], config: dict, where, spec=None) -> ModelSpec:
+def paper_spec(state: dict[str, torch.Tensor], config, where, spec=None, log=print) -> ModelSpec:
     """Kind and flavor from the mapped shapes (and the configuration's mixers where shapes
-    cannot tell), with chunk size, window, RoPE base and length from the configuration."""
-    settings = settings_from_config(config)
+    cannot tell), with chunk size, window, RoPE base and length from the configuration. Without
+    a configuration (or one naming no chunk size or window) the flavor's are taken only when
+    ``spec`` (--model-name / --flavor) names it."""
+    if config is not None and not isinstance(config, dict):
+        raise ConversionError(
+            f"{where}: its 'config' is {config!r:.60}, not the run's configuration (a section): "
+            "is this a checkpoint of the paper's code?"
+        )
+    settings = settings_from_config(config or {}, where)
     if settings["act_fn"] not in (None, "gelu"):
         raise ConversionError(
             f"{where}: the FFN uses {settings['act_fn']!r}, RAT models here use exact gelu"
@@ -286,48 +332,80 @@ def paper_spec(state: dict[str, torch.Tensor], config: dict, where, spec=None) -
             f"{where}: interleave_step={settings['interleave_step']!r} in the configuration, but "
             "the hybrids here alternate their two layer kinds (interleave_step 2)"
         )
+    named = spec is not None
     if spec is None:
-        mixers = (settings["even"], settings["odd"])
-        if settings["even"] is not None and mixers not in KINDS_BY_MIXERS:
-            raise ConversionError(
-                f"{where}: layers of kinds {mixers} (even, odd) have no RAT model kind here: "
-                f"supported are {sorted(KINDS_BY_MIXERS)}"
-            )
-        kinds = [KINDS_BY_MIXERS[mixers]] if mixers in KINDS_BY_MIXERS else list(MODEL_KINDS)
-        fits = fitting_models({k: v.shape for k, v in state.items()}, kinds)
-        if len(fits) != 1:
-            found = ", ".join(f"{k}/{f}" for k, f, _ in fits) or "none"
-            raise ConversionError(
-                f"cannot tell the model from the checkpoint shapes (matching kind/flavor: "
-                f"{found}): pass --model-name and --flavor"
-            )
-        kind, flavor, _ = fits[0]
-        spec = ModelSpec(kind, flavor, None, "checkpoint shapes")
-    overrides = {k: settings[k] for k in ("chunk_size", "rope_base", "max_seq_len")
-                 if settings[k] is not None}
-    if settings["swa_window"] is not None and spec.kind.endswith("_swa"):
-        overrides["swa_window"] = settings["swa_window"]
+        spec = _spec_from_shapes(state, settings, where)
+    overrides = {k: settings[k] for k in SHAPELESS if settings[k] is not None}
+    if not spec.kind.endswith("_swa"):
+        overrides.pop("swa_window", None)
+    flavor = make_args(spec.kind, spec.flavor)
+    missing = [k for k in SHAPELESS if k not in overrides and getattr(flavor, k) is not None
+               and not (k == "chunk_size" and flavor.mixer != "rat")]
+    if missing:
+        _take_from_flavor(missing, spec, settings["paths"], config, named, where, log)
     try:
         args = make_args(spec.kind, spec.flavor, **overrides)
     except ValueError as err:
         raise ConversionError(f"{where}: the checkpoint's configuration: {err}") from None
     if settings["head_dim"] not in (None, args.head_dim):
+        fix = ("pass the matching --flavor" if named else
+               f"{spec.kind}/{spec.flavor} is the only flavor with these shapes, so a model of "
+               "another head size cannot be imported")
         raise ConversionError(
-            f"{where}: heads of {settings['head_dim']} channels, but {spec.kind}/{spec.flavor} "
-            f"has {args.head_dim}: pass the matching --flavor"
+            f"{where}: heads of {settings['head_dim']} channels ({settings['paths']['head_dim']})"
+            f", but {spec.kind}/{spec.flavor} has {args.head_dim}: {fix}"
         )
     source = spec.source + (" + checkpoint config" if overrides else "")
     return ModelSpec(spec.kind, spec.flavor, args, source)
 
 
+def _take_from_flavor(missing, spec: ModelSpec, paths: dict, config, named: bool, where, log):
+    """Settings the configuration lacks come from the flavor when --model-name / --flavor name
+    it (said in a line); otherwise refused where they change the model (all of them when there
+    is no configuration; a missing RoPE base or length is the flavor's then too)."""
+    if not named and config is None:
+        raise ConversionError(
+            f"{where} holds no configuration ('config'): its chunk size, window, RoPE base "
+            "and training length leave no trace in the weights, so the import cannot know "
+            "them: pass --model-name and --flavor to take that flavor's"
+        )
+    needed = [k for k in missing if k in ("chunk_size", "swa_window")]
+    if not named and needed:
+        names = ", ".join(f"{k} ({paths[k] or 'no local attention section'})" for k in needed)
+        layers = "RAT" if needed[0] == "chunk_size" else "local attention"
+        raise ConversionError(
+            f"{where}: the checkpoint's configuration names no {names} for its {layers} "
+            "layers: pass --model-name and --flavor to take that flavor's"
+        )
+    flavor = make_args(spec.kind, spec.flavor)
+    taken = ", ".join(f"{k}={getattr(flavor, k)}" for k in missing)
+    why = "no configuration" if config is None else "not in the configuration"
+    log(f"{why}: {taken} are {spec.kind}/{spec.flavor}'s")
+
+
+def _spec_from_shapes(state, settings: dict, where) -> ModelSpec:
+    """The one (kind, flavor) whose weights have the shapes of ``state`` among the kinds the
+    configuration's mixers allow."""
+    mixers = (settings["even"], settings["odd"])
+    if settings["even"] is not None and mixers not in KINDS_BY_MIXERS:
+        raise ConversionError(
+            f"{where}: layers of kinds {mixers} (even, odd) have no RAT model kind here: "
+            f"supported are {sorted(KINDS_BY_MIXERS)}"
+        )
+    kinds = [KINDS_BY_MIXERS[mixers]] if mixers in KINDS_BY_MIXERS else list(MODEL_KINDS)
+    kind, flavor, _ = only_fit({k: v.shape for k, v in state.items()}, kinds, where,
+                               "pass --model-name and --flavor")
+    return ModelSpec(kind, flavor, None, "checkpoint shapes")
+
+
 def load_paper_model(path, spec: ModelSpec | None = None, log=print):
     """(ModelSpec, checked RATModel weights) of a checkpoint of the paper's code."""
     state, config = read_paper_checkpoint(path)
+    refuse_bad_weights(state, path)  # first: a NaN in the tied pair is no "differs"
     state = map_weights(state, path)
-    spec = paper_spec(state, config, path, spec)
+    spec = paper_spec(state, config, path, spec, log)
     log(f"model: kind={spec.kind} flavor={spec.flavor} (from {spec.source}; paper's code)")
     check_shapes(spec.args, {k: v.shape for k, v in state.items()}, str(path))
-    refuse_bad_weights(state, path)
     return spec, state
 
 
@@ -338,7 +416,7 @@ def paper_to_standalone(
     """Export a checkpoint of the paper's code as a standalone folder, recording its data
     convention (no BOS, EOS after each document): text prompts get no BOS."""
     out = Path(out_dir)
-    check_output(path, out, force, "source checkpoint", is_model_folder, log)
+    check_output(path, out, force, "source checkpoint", is_model_folder, log, [tokenizer_dir])
     spec, state = load_paper_model(path, spec, log)
     write_folder(state, spec, out, dtype, force, tokenizer_dir, add_bos=False, log=log)
     return spec
@@ -363,5 +441,7 @@ def paper_to_dcp(
             f"of {spec.kind}/{spec.flavor} cannot set, so fine-tuning the seed would train "
             "another model: import it without --to-dcp (a standalone folder) instead"
         )
-    write_dcp_seed(state, out, dtype, force, spec.kind, log)
+    dtype_back = folder_dtype(state[EMBEDDING].dtype, log=lambda _: None)  # of a folder back
+    folder = folder_config(spec.kind, spec.flavor, spec.args, dtype_back, add_bos=False)
+    write_dcp_seed(state, out, dtype, force, folder, log)
     return spec

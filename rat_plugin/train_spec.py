@@ -4,24 +4,30 @@
 TrainSpecs: ``rat`` (all RAT), ``rat_swa`` (RAT / sliding-window attention interleaved) and the
 same-backbone attention baselines ``rat_attn`` (full causal attention) and ``rat_attn_swa``
 (attention / SWA interleaved), each with flavors debugmodel, 1.3B, 7B, 13B, and a state-dict
-adapter for checkpoints in Hugging Face format (``infra/state_dict_adapter.py``). Importing also
-registers the local datasets, a "float8" converter name that explains the real one, the
-one-line printing of the plugin's errors (``infra/errors.py``), and (without a GPU) CPU/gloo
-mode (``infra/cpu.py``); in a trainer process it then checks the job's ``[model] name``
-(``infra/job.py``).
+adapter for checkpoints in Hugging Face format (``infra/state_dict_adapter.py``, which also makes
+the HF last save a transformers folder). Importing also registers the local datasets, a
+"float8" converter name that explains the real one, the one-line printing of the plugin's
+errors (``infra/errors.py``) and of checkpoint saves that run out of space
+(``infra/saving.py``), and (without a GPU) CPU/gloo mode (``infra/cpu.py``); in a trainer
+process it then checks the job's ``[model] name`` (``infra/job.py``).
 """
 
 import dataclasses
 import os
 import sys
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.tokenizer import build_hf_tokenizer
 from torchtitan.config import JobConfig
-from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+from torchtitan.hf_datasets.text_datasets import (
+    build_text_dataloader,
+    build_text_validation_dataloader,
+)
 from torchtitan.protocols.model import BaseModelArgs
 from torchtitan.protocols.model_converter import (
     _registry_model_converter_cls,
@@ -30,7 +36,13 @@ from torchtitan.protocols.model_converter import (
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
 from torchtitan.tools.logging import logger
 
-from rat_plugin.data.datasets import PREPARE_HINT, check_dataset_path, register_datasets
+from rat_plugin.data.datasets import (
+    PREPARE_HINT,
+    check_dataset_path,
+    documents_problem,
+    has_documents,
+    register_datasets,
+)
 from rat_plugin.data.packing import DocumentPackedDataset
 from rat_plugin.data.sft import SFT_DATASETS, InstructionPackedDataset, is_instruction_dataset
 from rat_plugin.data.templates import TEMPLATES
@@ -47,9 +59,10 @@ from rat_plugin.infra.guards import build_finite_loss, build_guarded_optimizers
 from rat_plugin.infra.job import check_launch, launched_job
 from rat_plugin.infra.parallelize import parallelize_rat
 from rat_plugin.infra.resume import check_resume
+from rat_plugin.infra.saving import explain_full_disk
 from rat_plugin.infra.settings import check_settings
 from rat_plugin.infra.validate import RATValidator
-from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter
+from rat_plugin.infra.state_dict_adapter import RATStateDictAdapter, complete_hf_saves
 from rat_plugin.model.args import FLAVORS, MODEL_KINDS, RATModelArgs, make_args
 from rat_plugin.model.model import RATModel
 from rat_plugin.ops.dispatch import ATTENTION_ENV, KERNELS_ENV, select_kernels
@@ -191,16 +204,20 @@ def build_tokenizer(job_config: JobConfig):
 def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig, **kwargs):
     """torchtitan's text dataloader, or with ``[rat] document_aware`` the document-aware
     packing (``rat_plugin.data.packing``); instruction data (``sft``, ``rat_longqa``) is
-    always packed document-aware, answer-only (``rat_plugin.data.sft``)."""
+    always packed document-aware, answer-only (``rat_plugin.data.sft``). Every rank's share is
+    checked to hold documents."""
     training = job_config.training
     check_dataset_path(training.dataset, training.dataset_path, "training")
     if is_instruction_dataset(training.dataset):
-        return instruction_loader(job_config, "training", tokenizer, dp_rank, dp_world_size,
-                                  infinite=kwargs.get("infinite", True))
-    if not document_aware(job_config):
-        return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
-    return document_packed_loader(job_config, "training", tokenizer, dp_rank, dp_world_size,
-                                  infinite=kwargs.get("infinite", True))
+        build = partial(instruction_loader, job_config, "training", tokenizer, dp_rank,
+                        dp_world_size, infinite=kwargs.get("infinite", True))
+    elif not document_aware(job_config):
+        build = partial(build_text_dataloader, dp_world_size, dp_rank, tokenizer, job_config,
+                        **kwargs)
+    else:
+        build = partial(document_packed_loader, job_config, "training", tokenizer, dp_rank,
+                        dp_world_size, infinite=kwargs.get("infinite", True))
+    return with_documents(build, training, "training", dp_rank, dp_world_size)
 
 
 def build_rat_validator(*, job_config: JobConfig, **kwargs):
@@ -209,26 +226,48 @@ def build_rat_validator(*, job_config: JobConfig, **kwargs):
     will be decoded."""
     validation = job_config.validation
     check_dataset_path(validation.dataset, validation.dataset_path, "validation")
-    if validation.steps == -1 and kwargs["dp_world_size"] > 1 \
-            and kwargs["parallel_dims"].fsdp_enabled:
+    world = kwargs["dp_world_size"]
+    if validation.steps == -1 and world > 1 and kwargs["parallel_dims"].fsdp_enabled:
         raise ConfigError(
-            f"[validation] steps = -1 reads each of the {kwargs['dp_world_size']} data-parallel "
+            f"[validation] steps = -1 reads each of the {world} data-parallel "
             "ranks' share of the split to its end; the shares end after different numbers of "
             "batches, and under FSDP a rank that finishes waits in a collective the others never "
             "reach: set steps to a number of batches every rank has"
         )
-    loader = None
+    rank, infinite = kwargs["dp_rank"], validation.steps != -1
     if is_instruction_dataset(validation.dataset):
-        loader = instruction_loader(
-            job_config, "validation", kwargs["tokenizer"], kwargs["dp_rank"],
-            kwargs["dp_world_size"], infinite=validation.steps != -1,
-        )
+        build = partial(instruction_loader, job_config, "validation", kwargs["tokenizer"], rank,
+                        world, infinite)
     elif document_aware(job_config):
-        loader = document_packed_loader(
-            job_config, "validation", kwargs["tokenizer"], kwargs["dp_rank"],
-            kwargs["dp_world_size"], infinite=validation.steps != -1,
-        )
+        build = partial(document_packed_loader, job_config, "validation", kwargs["tokenizer"],
+                        rank, world, infinite)
+    else:
+        build = partial(build_text_validation_dataloader, world, rank, kwargs["tokenizer"],
+                        job_config, infinite)
+    loader = with_documents(build, validation, "validation", rank, world)
     return RATValidator(job_config=job_config, dataloader=loader, **kwargs)
+
+
+def with_documents(build, data, section: str, dp_rank: int, dp_world_size: int):
+    """``build()``, a dataloader over this rank's share of the ``[section]`` dataset, after
+    every rank has checked its share holds a document: else each rank stops with the one line
+    (a rank without data loops forever looking for it while the others wait)."""
+    try:
+        loader = build()
+    except IndexError as err:  # datasets' split_dataset_by_node: fewer documents than ranks
+        if "out of range for dataset of size" not in str(err):
+            raise
+        loader = None
+    share = (dp_rank, loader is None or not has_documents(loader.dataset))
+    shares = [share]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shares = [None] * dist.get_world_size()
+        dist.all_gather_object(shares, share)
+    empty = sorted({rank for rank, no_documents in shares if no_documents})
+    problem = documents_problem(data.dataset, data.dataset_path, section, empty, dp_world_size)
+    if problem is not None:
+        raise problem
+    return loader
 
 
 def document_aware(job_config: JobConfig) -> bool:
@@ -327,6 +366,8 @@ def get_train_spec(kind: str) -> TrainSpec:
 if cpu.cpu_mode():
     cpu.use_cpu()
 register_datasets()
+explain_full_disk()
+complete_hf_saves()
 if "float8" not in _registry_model_converter_cls:
     register_model_converter(Float8NameError, "float8")
 sys.excepthook = one_line_excepthook()

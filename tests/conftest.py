@@ -54,7 +54,7 @@ def one_thread():
 @pytest.fixture
 def cpu_flex_backward(monkeypatch):
     """Lift torch's CPU guard against flex_attention backward inside one test (what the GPU
-    recipe's dry run does for a whole trainer run: rat_plugin/infra/dry_run.py)."""
+    recipe's dry run does for a whole trainer run: rat_plugin/dry_run.py)."""
     import torch.nn.attention.flex_attention as flex_frontend
 
     monkeypatch.setattr(flex_frontend, "_validate_device", lambda query, key, value: None)
@@ -121,3 +121,80 @@ def tb_losses(dump_folder: Path, tag: str = "loss_metrics/global_avg_loss") -> d
         if tag in events.Tags()["scalars"]:
             losses.update({event.step: event.value for event in events.Scalars(tag)})
     return losses
+
+
+def lively_folder(kind: str, root: Path) -> Path:
+    """A small model folder (no tokenizer) whose greedy continuations vary (weights scaled up
+    from the init, where the tied head would mostly repeat the last token)."""
+    from rat_plugin.convert import ModelSpec, write_folder
+    from rat_plugin.model import RATModel, make_args
+
+    torch.manual_seed(1)
+    args = make_args(kind, "debugmodel", dim=64, n_layers=2, ffn_hidden_dim=128, vocab_size=256,
+                     chunk_size=4, max_seq_len=32, **({"swa_window": 6} if "swa" in kind else {}))
+    model = RATModel(args)
+    model.init_weights()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "norm" not in name:
+                weight.mul_(8)
+    state = {k: v for k, v in model.state_dict().items() if k != "output.weight"}
+    write_folder(state, ModelSpec(kind, "debugmodel", args, "test"), root / kind, log=lambda _: 0)
+    return root / kind
+
+
+@pytest.fixture(scope="session")
+def isolated_export(small_model_dir, tmp_path_factory) -> dict:
+    """tests/isolated_export.py on ``--to-hf`` exports, in a fresh interpreter that cannot
+    import rat_plugin: ``python -I -S`` with, on sys.path, a folder of links to the installed
+    packages but rat_plugin and torchtitan (no .pth file: one installs an editable rat_plugin),
+    the working directory and HF_HOME in a temporary folder, the hub offline.
+    ``lively`` (a ``lively_folder`` model) is loaded, generated from and trained; ``export``
+    (of ``small_model_dir``, with its tokenizer) is evaluated with lm_eval. Returns its SPEC
+    (inputs, folders) with ``results`` and ``samples``."""
+    import json
+    import shutil
+    import site
+
+    from rat_plugin.hf.export import folder_to_hf
+
+    root = tmp_path_factory.mktemp("isolated")
+    folder_to_hf(small_model_dir, root / "rat_export", log=lambda _: None)
+    folder_to_hf(lively_folder("rat", root), root / "lively_export", log=lambda _: None)
+    shutil.copytree(REPO / "tests" / "lm_eval_tasks", root / "tests" / "lm_eval_tasks")
+    tasks = ["rat_story_choice", "rat_story_words", "rat_story_text"]
+    packages = root / "site-packages"
+    packages.mkdir()
+    hidden = ("rat_plugin", "rat_titan", "__editable__", "torchtitan")
+    for folder in map(Path, site.getsitepackages() + [site.getusersitepackages()]):
+        for entry in folder.iterdir() if folder.is_dir() else ():
+            link = packages / entry.name
+            if entry.suffix != ".pth" and not entry.name.startswith(hidden) \
+                    and not link.exists():
+                link.symlink_to(entry)
+    spec = {
+        "site": [str(packages)],
+        "export": str(root / "rat_export"), "lively": str(root / "lively_export"),
+        "lively_source": str(root / "rat"), "out": str(root / "out"),
+        "tasks": str(root / "tests" / "lm_eval_tasks"),
+        "ids": [[1, 45, 97, 130, 31, 200, 17, 64, 90, 3, 5, 8, 13, 21, 34, 55, 89, 144]],
+        "prompts": [[1, 45, 97, 130, 31, 200, 17, 64, 90], [7, 200]], "new_tokens": 20,
+        "train": [[1, 45, 97, 130, 31, 200, 17, 64], [1, 201, 2, 77, 8, 9, 10, 11]],
+        # name -> (extra model_args, tasks): lm_eval's defaults, and rolling perplexity with
+        # add_bos_token=False (its prefix token is then the only BOS; README, lm-eval).
+        "lm_eval": {"default": ("", tasks), "rolling": (",add_bos_token=False", tasks[2:])},
+    }
+    (root / "out").mkdir()
+    (root / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HF_"))}
+    env.update(OMP_NUM_THREADS="1", HF_HOME=str(root / "hf_home"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    run = subprocess.run(
+        [sys.executable, "-I", "-S", str(REPO / "tests" / "isolated_export.py"),
+         str(root / "spec.json")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert run.returncode == 0, run.stderr[-6000:]
+    spec["results"] = json.loads((root / "out" / "results.json").read_text())
+    spec["samples"] = json.loads((root / "out" / "samples.json").read_text())
+    return spec

@@ -72,3 +72,40 @@ def assert_matches_loop_oracle(mixing, inputs, chunk_size, atol=1e-10):
     expected_grads = torch.autograd.grad((expected * weight).sum(), inputs)
     for name, got, want in zip(("q", "k", "v", "forget_gate"), grads, expected_grads):
         torch.testing.assert_close(got, want, rtol=0, atol=atol, msg=f"grad of {name}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def model_loop(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of a RATModel computed from its weights alone, in their dtype, by the
+    loop oracles above (docs/design.md sections 1-2): RAT layers by ``rat_mixing_loop``
+    (head h uses query/key group h mod G), SWA and attention layers by
+    ``window_attention_loop``, RMSNorm, exact GELU and the tied head written out."""
+    args = model.args
+    batch, seq_len = tokens.shape
+    h = model.tok_embeddings.weight[tokens]
+    for i, block in enumerate(model.layers.values()):
+        mixer, kind = block.mixer, args.layer_mixer(i)
+        u = rms_norm(h, block.mixer_norm.weight, args.norm_eps)
+
+        def heads(linear, n=args.n_heads):
+            y = u @ linear.weight.T + (0 if linear.bias is None else linear.bias)
+            return y.view(batch, seq_len, n, args.head_dim)
+
+        if kind == "rat":
+            group = torch.arange(args.n_heads) % args.n_groups
+            q = heads(mixer.wq, args.n_groups)[:, :, group]
+            k = heads(mixer.wk, args.n_groups)[:, :, group]
+            forget = torch.sigmoid(heads(mixer.wg))
+            out = rat_mixing_loop(q, k, heads(mixer.wv), forget, args.chunk_size, args.rope_base)
+            out = torch.sigmoid(u @ mixer.wz.weight.T) * out.reshape(batch, seq_len, -1)
+        else:
+            window = args.swa_window if kind == "swa" else None
+            out = window_attention_loop(heads(mixer.wq), heads(mixer.wk), heads(mixer.wv), window,
+                                        args.rope_base).reshape(batch, seq_len, -1)
+        h = h + out @ mixer.wo.weight.T
+        a = rms_norm(h, block.ffn_norm.weight, args.norm_eps) @ block.feed_forward.w1.weight.T
+        h = h + (0.5 * a * (1 + torch.erf(a / math.sqrt(2)))) @ block.feed_forward.w2.weight.T
+    return rms_norm(h, model.norm.weight, args.norm_eps) @ model.tok_embeddings.weight.T

@@ -18,6 +18,7 @@ from rat_plugin.ops.decode_attention import DECODE_ENV, decode_attention, decode
 
 # The modules whose attributes the tests replace (by path: a package may re-export a name).
 decode_module = importlib.import_module("rat_plugin.ops.decode_attention")
+flash_module = importlib.import_module("rat_plugin.ops.flash_decode")
 step_module = importlib.import_module("rat_plugin.generate.step")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,7 +82,7 @@ def test_flash_glue_decodes_like_sdpa(kind, monkeypatch):
 
     sdpa = run()
     monkeypatch.setattr(decode_module, "decode_backend", lambda q: "flash")
-    monkeypatch.setattr(decode_module, "flash_attn_with_kvcache", reference_flash_attn_with_kvcache)
+    monkeypatch.setattr(flash_module, "flash_attn_with_kvcache", reference_flash_attn_with_kvcache)
     flash = run()
     assert flash.tokens == sdpa.tokens
     for a, b in zip(flash.logits, sdpa.logits):
@@ -129,7 +130,7 @@ def test_decode_step_compiles_fullgraph_without_recompiling(kind, backend, monke
     fail_on_recompile proves the step keeps one graph across chunk ends and the ring wrap."""
     if backend == "flash":  # an extension function dynamo cannot trace, as flash-attn's is
         monkeypatch.setattr(decode_module, "decode_backend", lambda q: "flash")
-        monkeypatch.setattr(decode_module, "flash_attn_with_kvcache",
+        monkeypatch.setattr(flash_module, "flash_attn_with_kvcache",
                             torch._dynamo.disable(reference_flash_attn_with_kvcache))
     torch._dynamo.reset()
     model = build(kind)

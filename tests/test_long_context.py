@@ -22,6 +22,7 @@ from rat_plugin.generate import load, load_tokenizer
 from rat_plugin.model import RATModel, make_args
 
 sys.path.insert(0, str(REPO / "tools"))
+import _eval_common  # noqa: E402
 import perplexity_by_position as ppl_tool  # noqa: E402
 import retrieval as retrieval_tool  # noqa: E402
 
@@ -168,6 +169,97 @@ def test_accuracy_per_length_and_depth_of_a_known_answerer():
     assert table == {(200, 0): (3, 3), (200, 0.25): (3, 3), (200, 0.75): (0, 3),
                      (200, 1): (0, 3), (400, 0): (0, 3), (400, 0.25): (0, 3),
                      (400, 0.75): (0, 3), (400, 1): (0, 3)}
+    # Each cell keeps what was asked and answered, so a 0% can be told from a near miss.
+    for cell in cells:
+        seen = cell.length <= 300 and cell.depth < 0.5
+        assert len(cell.keys) == len(cell.answers) == 3
+        assert cell.answers == ([f" {key}." for key in cell.keys] if seen else [" 99999."] * 3)
+
+
+# ---- the plots ------------------------------------------------------------------------------
+
+@pytest.fixture
+def plt():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    yield pyplot
+    pyplot.close("all")
+
+
+def assert_readable(fig, ax, train_length: int, legend: list[str]):
+    """Everything drawn lies inside the figure once laid out as tools/_eval_common.write does
+    (nothing clipped), the legend says what each mark is, and the training-length line lies
+    within the x limits (or, where the legend has no line, a note at the edge names it)."""
+    fig.tight_layout()
+    renderer = fig.canvas.get_renderer()
+    drawn = fig.get_tightbbox(renderer)  # inches
+    width, height = fig.get_size_inches()
+    assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01, drawn
+    assert drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01, (drawn, width, height)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == legend
+    if f"training length {train_length}" not in legend:
+        [note] = [t for t in ax.texts if f"training length {train_length} " in t.get_text()]
+        assert (note.xy, note.xycoords) == ((1, 0.5), "axes fraction")  # the right edge
+        return
+    [line] = [a for a in ax.get_lines() if a.get_label() == f"training length {train_length}"]
+    low, high = ax.get_xlim()
+    assert all(low < x < high for x in line.get_xdata()), (line.get_xdata(), low, high)
+
+
+def retrieval_cells(lengths, depths, trials=4):
+    return [retrieval.Cell(n, d, n, (i * 3) % (trials + 1), trials, ["12345"] * trials,
+                           [" 12345."] * trials) for i, (n, d) in
+            enumerate((n, d) for n in lengths for d in depths)]
+
+
+@pytest.mark.parametrize("lengths,train_length", [
+    ([1024, 2048, 4096, 8192], 4096),  # the default: 1K doubling to twice the training length
+    ([256, 384], 64),                  # every tested length beyond the training length
+    ([32, 48], 64),                    # every tested length within it
+])
+def test_retrieval_plot_marks_the_training_length_and_the_counts(plt, lengths, train_length):
+    depths = [0, 0.5, 1]
+    cells = retrieval_cells(lengths, depths)
+    fig = retrieval_tool.plot(cells, train_length, "a title")(plt)
+    ax = fig.axes[0]
+    assert_readable(fig, ax, train_length, [f"training length {train_length}"])
+    # Each cell shows its count of right answers: the colour alone hides how many trials.
+    counts = sorted(t.get_text() for t in ax.texts if "/" in t.get_text())
+    assert counts == sorted(f"{c.correct}/{c.trials}" for c in cells)
+    assert ax.get_title() == "a title"
+
+
+@pytest.mark.parametrize("windows,length,train_length,line", [
+    (3, 2049, 512, True),  # 4x the training length, as by default
+    (2, 129, 150, True),   # just beyond the last position: drawn where it is
+    (1, 129, 512, False),  # far beyond it: a note at the edge, not a curve squeezed to the left
+])
+def test_perplexity_plot_shows_the_spread_across_windows_from_zero(plt, windows, length,
+                                                                    train_length, line):
+    """Window losses about 5 nats with a spread of 0.1: the y axis starts at 0 (a wiggle of
+    0.1 nats reads as what it is), the band spans the windows' bucket means, the training
+    length is marked wherever it lies."""
+    torch.manual_seed(0)
+    losses = 5 + 0.1 * torch.randn(windows, length - 1)
+    result = by_position(losses, bucket=64)
+    per_window = torch.stack([losses[:, start: start + 64].double().mean(1)
+                              for start in range(0, length - 1, 64)], dim=1)
+    torch.testing.assert_close(torch.tensor(result["loss_by_window"], dtype=torch.float64),
+                               per_window)
+    fig = ppl_tool.plot(result, train_length, "a title")(plt)
+    ax = fig.axes[0]
+    spread = ([f"range over the {windows} windows"] if windows > 1 else [])
+    mean = f"mean of {windows} window{'s' if windows > 1 else ''}, buckets of 64 positions"
+    marker = [f"training length {train_length}"] if line else []
+    assert_readable(fig, ax, train_length, [mean, *spread, *marker])
+    assert ax.get_ylim()[0] == 0 and ax.get_ylim()[1] < 2 * 5.5
+    bands = [c for c in ax.collections if c.get_label() == spread[0]] if spread else []
+    if windows > 1:
+        [band] = bands
+        y = band.get_paths()[0].vertices[:, 1]
+        assert (y.min(), y.max()) == pytest.approx((per_window.min(), per_window.max()))
 
 
 # ---- the tools on an exported model ---------------------------------------------------------
@@ -180,7 +272,21 @@ def text_file(tmp_path_factory, debug_assets):
     return path
 
 
-def test_perplexity_tool_writes_json_and_png(small_model_dir, text_file, tmp_path, capsys):
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the tools draw (as written to their PNG), in order."""
+    drawn = []
+    write = _eval_common.write
+
+    def keep(args, name, payload, draw):
+        write(args, name, payload, lambda plt: drawn.append(draw(plt)) or drawn[-1])
+
+    monkeypatch.setattr(_eval_common, "write", keep)
+    return drawn
+
+
+def test_perplexity_tool_writes_json_and_png(small_model_dir, text_file, tmp_path, capsys,
+                                             figures):
     out = tmp_path / "ppl"
     code, stdout, err = run_main(ppl_tool.main, [
         "--model", str(small_model_dir), "--text", str(text_file), "--out", str(out),
@@ -203,9 +309,15 @@ def test_perplexity_tool_writes_json_and_png(small_model_dir, text_file, tmp_pat
         logits = model(windows[:, :-1])
     want = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
     assert result["loss_by_position"] == pytest.approx(want.tolist(), abs=1e-5)
+    assert result["bucket"] == 16 and len(result["loss_by_window"]) == 2
+    # The plot says what it averages: model, text, windows, bucket size.
+    [fig] = figures
+    assert fig.axes[0].get_title() == (
+        f"loss by position: model on {text_file.name}\n"
+        "2 windows of 256 tokens, buckets of 16 positions, prefill 64")
 
 
-def test_retrieval_tool_writes_json_and_png(small_model_dir, tmp_path, capsys):
+def test_retrieval_tool_writes_json_and_png(small_model_dir, tmp_path, capsys, figures):
     out = tmp_path / "retrieval"
     args = ["--model", str(small_model_dir), "--out", str(out), "--lengths", "256", "384",
             "--depths", "0", "1", "--trials", "2", "--device", "cpu"]
@@ -218,6 +330,15 @@ def test_retrieval_tool_writes_json_and_png(small_model_dir, tmp_path, capsys):
     assert all(c["prompt_tokens"] <= c["length"] for c in result["cells"])
     assert [[c["accuracy"] for c in result["cells"] if c["length"] == n]
             for n in (256, 384)] == result["accuracy"]
+    # What was asked and answered, per trial: the count is re-scored from it.
+    for cell in result["cells"]:
+        assert len(cell["keys"]) == len(cell["answers"]) == 2
+        assert all(isinstance(a, str) and len(k) == 5 for k, a in zip(cell["keys"],
+                                                                       cell["answers"]))
+        assert cell["correct"] == sum(map(retrieval.is_correct, cell["answers"], cell["keys"]))
+    [fig] = figures
+    assert fig.axes[0].get_title() == (
+        "pass key retrieval: model, 2 keys per cell, passkey filler")
 
     # Again into the same folder: only with --force; never into the model folder.
     code, _, err = run_main(retrieval_tool.main, args, capsys)

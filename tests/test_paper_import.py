@@ -7,6 +7,7 @@ v, q, k for attention, RAT at even layers of the hybrid), the run's configuratio
 ``easydict.EasyDict``, optimizer, lr_scheduler and step.
 """
 
+import json
 import os
 import re
 import sys
@@ -18,10 +19,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import run_main
-from rat_plugin.convert import ConversionError
+from oracle import model_loop
+from rat_plugin.convert import ConversionError, spec_from_config
 from rat_plugin.generate import load
 from rat_plugin.model import RATModel, make_args
-from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone, read_paper_checkpoint
+from rat_plugin.paper_checkpoint import (
+    load_paper_model,
+    paper_to_dcp,
+    paper_to_standalone,
+    read_paper_checkpoint,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from convert_checkpoint import main as convert_main  # noqa: E402
@@ -119,6 +126,24 @@ def test_import_reproduces_the_source_logits(kind, tmp_path, capsys):
         torch.testing.assert_close(imported(tokens), model(tokens), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["rat", "rat_swa"])
+def test_an_fp64_import_equals_the_loop_oracle(kind, tmp_path):
+    """The imported weights in an fp64 model give the logits the loop oracle computes from the
+    source model's fp64 weights, to 1e-12: the mapping is exact and no step of the model drops
+    to fp32 (a forget gate in fp32 capped this at ~1e-7)."""
+    source = project_model(kind, chunk_size=4, max_seq_len=32).double()
+    ckpt = save_paper_checkpoint(tmp_path / "1.pth", paper_state(source),
+                                 paper_config(source.args))
+    spec, state = load_paper_model(ckpt, **quiet)
+    imported = RATModel(spec.args).double()
+    imported.load_state_dict(state, strict=False)  # the tied head is the embedding
+    tokens = torch.randint(0, spec.args.vocab_size, (2, 19),
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(imported(tokens), model_loop(source, tokens), atol=1e-12,
+                                   rtol=0)
+
+
 def test_a_dcp_seed_of_a_model_the_flavor_cannot_build_is_refused(tmp_path, capsys):
     model = project_model("rat", chunk_size=8)
     ckpt = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), paper_config(model.args))
@@ -129,12 +154,13 @@ def test_a_dcp_seed_of_a_model_the_flavor_cannot_build_is_refused(tmp_path, caps
                      r"training config of rat/debugmodel cannot set.* instead$", err.strip())
 
 
-def test_import_without_config_and_to_a_dcp_seed(tmp_path):
-    """Shapes alone identify rat_swa (gate biases on even layers only); the DCP seed loads into
-    a fresh model like torchtitan's initial_load_path does."""
+def test_a_named_flavor_to_a_dcp_seed(tmp_path):
+    """Without a configuration, the flavor named (--model-name, --flavor) gives what shapes
+    cannot; the DCP seed loads into a fresh model like torchtitan's initial_load_path does."""
     model = project_model("rat_swa")
     ckpt = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model))
-    spec = paper_to_dcp(ckpt, tmp_path / "seed", **quiet)
+    spec = paper_to_dcp(ckpt, tmp_path / "seed", spec_from_config(None, "rat_swa", "debugmodel"),
+                        **quiet)
     assert (spec.kind, spec.flavor, spec.args) == ("rat_swa", "debugmodel", model.args)
     fresh = project_model("rat_swa", max_seq_len=256)
     state = fresh.state_dict()
@@ -193,6 +219,10 @@ def spoiled(name: str):
             state["_orig_mod.backbone.layers.0.hidden_layer.fc1.bias"] = torch.zeros(512)
         elif name == "nan":
             state["_orig_mod.backbone.ln.weight"][3] = float("nan")
+        elif name == "nan-tied-embedding":  # one tensor saved under both names, as tied
+            embedding = state["_orig_mod.embedding.wte.weight"]
+            embedding[7, 2] = float("nan")
+            state["_orig_mod.head.lm_head.weight"] = embedding
         return state
     return edit
 
@@ -211,7 +241,11 @@ BAD_SOURCES = {
     "rnn-layer": (spoiled("rnn-layer"), r"RNN layers of the paper's code \(a gate bias and a "
                                         r"3D-row in_proj\) at layer\(s\) 0, which no model here"),
     "bias": (spoiled("bias"), r"weights that no RAT.*has: backbone.layers.0.hidden_layer.fc1.bias"),
-    "nan": (spoiled("nan"), r"norm.weight holds a non-finite weight nan at \[3\]"),
+    "nan": (spoiled("nan"), r"backbone.ln.weight holds a non-finite weight nan at \[3\]"),
+    # Checked before the tie, so NaN is not reported as "head differs from embedding".
+    "nan-tied-embedding": (spoiled("nan-tied-embedding"),
+                           r"(embedding.wte|head.lm_head).weight holds a non-finite weight nan at "
+                           r"\[7, 2\] .*: the checkpoint is corrupt"),
 }
 
 
@@ -235,6 +269,99 @@ def test_bad_sources_give_one_line(case, tmp_path, capsys):
     assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
     assert re.search(pattern, err), err
     assert not (tmp_path / "out").exists()
+
+
+def edited(**paths):
+    """A configuration edit for the table below: dotted path -> new value."""
+    def edit(config: EasyDict) -> EasyDict:
+        for path, value in paths.items():
+            *sections, key = path.split(".")
+            section = config
+            for name in sections:
+                section = section[name]
+            dict.__setitem__(section, key, value)
+        return config
+    return edit
+
+
+# id -> (edit of the paper configuration of a debug rat model, or what replaces it; regex of the
+# one-line error).
+BAD_CONFIGS = {
+    "zero-seq-len": (edited(**{"data.seq_len": 0}), r"data.seq_len=0 in the checkpoint's "
+                                                    r"configuration must be a positive integer"),
+    "negative-seq-len": (edited(**{"data.seq_len": -128}), r"data.seq_len=-128 .*positive integer"),
+    "string-chunk-size": (edited(**{"model.backbone.seq_cell.chunk_size": "8"}),
+                          r"model.backbone.seq_cell.chunk_size='8' .* must be a positive integer"),
+    "string-for-a-section": (edited(**{"model.backbone": "sequence"}),
+                             r"model.backbone='sequence' in the checkpoint's configuration must "
+                             r"be a section"),
+    "string-for-the-configuration": ("rat", r"'config' is 'rat', not the run's configuration"),
+    "list-for-a-name": (edited(**{"model.backbone.seq_cell._name_": ["rat"]}),
+                        r"model.backbone.seq_cell._name_=\['rat'\] .* must be a name"),
+    "infinite-rope-base": (edited(**{"model.embedding.pe.base": float("inf")}),
+                           r"model.embedding.pe.base=inf .* must be a positive finite number"),
+    "no-chunk-size": (edited(**{"model.backbone.seq_cell.chunk_size": None}),
+                      r"names no chunk_size \(model.backbone.seq_cell.chunk_size\) for its RAT "
+                      r"layers: pass --model-name and --flavor to take that flavor's"),
+    "no-configuration": (None, r"holds no configuration \('config'\): its chunk size, window, "
+                               r"RoPE base and training length leave no trace in the weights.*"
+                               r"pass --model-name and --flavor to take that flavor's"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configurations_give_one_line(case, tmp_path, capsys):
+    edit, pattern = BAD_CONFIGS[case]
+    model = project_model("rat")
+    config = edit(paper_config(model.args)) if callable(edit) else edit
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), config)
+    for to_dcp in ([], ["--to-dcp"]):
+        code, out, err = run_main(convert_main, [str(src), str(tmp_path / "out"),
+                                                 "--from-paper", *to_dcp], capsys)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert re.search(pattern, err), err
+        assert not (tmp_path / "out").exists()
+
+
+def test_without_configuration_the_named_flavor_is_taken(tmp_path, capsys):
+    """Asked for by name, the flavor's chunk size (and the rest) is taken, saying so."""
+    model = project_model("rat")
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model))
+    code, out, err = run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper",
+                                             "--model-name", "rat", "--flavor", "debugmodel"],
+                              capsys)
+    assert code == 0, err
+    assert re.search(r"no configuration: chunk_size=16, rope_base=10000.0, max_seq_len=256 are "
+                     r"rat/debugmodel's", out), out
+    assert load(tmp_path / "out").args == model.args
+
+
+def test_shapes_no_flavor_has_are_named(tmp_path, capsys):
+    """Four query/key groups where the debug flavor has two: no flag can fit it, so none is
+    suggested; the nearest flavor and the weights that differ are named."""
+    model = project_model("rat", n_groups=4)
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), paper_config(model.args))
+    code, _, err = run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper"],
+                            capsys)
+    assert code == 1 and err.count("\n") == 1 and "--flavor" not in err, err
+    assert re.search(r"its shapes fit no model here: the nearest, rat/debugmodel, has shape "
+                     r"mismatches \(weights != model\): layers.0.mixer.wk.weight \(128, 128\) "
+                     r"!= \(64, 128\), .*; models of other sizes cannot be converted$", err), err
+
+
+def test_fp64_weights_import_as_fp32(tmp_path, capsys):
+    """The folders hold fp32, bf16 or fp16 (what the loader takes): fp64 weights are written
+    as fp32, saying so, and load."""
+    model = project_model("rat").double()
+    src = save_paper_checkpoint(tmp_path / "1.pth", paper_state(model), paper_config(model.args))
+    code, out, err = run_main(convert_main, [str(src), str(tmp_path / "out"), "--from-paper"],
+                              capsys)
+    assert code == 0, err
+    assert "dtype: the weights are float64, which model folders do not hold (fp32, bf16, fp16): "\
+           "written as fp32 (--dtype chooses)" in out, out
+    imported = load(tmp_path / "out")
+    assert imported.config["dtype"] == "fp32"
+    assert torch.equal(imported.tok_embeddings.weight, model.tok_embeddings.weight.float())
 
 
 def test_another_interleaving_is_refused(tmp_path, capsys):

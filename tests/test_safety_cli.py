@@ -5,6 +5,7 @@ stderr naming the bad value and the fix; or the correct behaviour."""
 import re
 import runpy
 import shutil
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,9 @@ import torch
 from conftest import REPO, run_main
 from folder_edits import edit_config, spoil_weight, write
 from rat_plugin.generate.__main__ import main as generate_main
+
+sys.path.insert(0, str(REPO / "tools"))
+import perplexity_by_position as ppl_tool  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,6 +50,10 @@ CASES = {
     "id-outside-vocab": (None, ["--prompt-ids", "1 99999"], 1, r"outside the vocabulary"),
     "missing-prompts-file": (None, ["--prompts-file", "/nonexistent/p.txt"], 1,
                              r"prompts file /nonexistent/p.txt does not exist"),
+    "binary-prompts-file": (None, ["--prompts-file", "{folder}/model.safetensors"], 1,
+                            r"^prompts file .*/model.safetensors is not UTF-8 text \(byte "
+                            r"0x[0-9a-f]{2} at offset \d+\): give a UTF-8 text file, one prompt "
+                            r"per line$"),
     "nan-embedding-row": (spoil_weight("tok_embeddings.weight", (5,), float("nan")), TEXT, 1,
                           r"tok_embeddings.weight holds a non-finite weight nan at \[5, 0\]"),
     "inf-norm-weight": (spoil_weight("norm.weight", (0,), float("inf")), IDS, 1,
@@ -70,6 +78,7 @@ def test_bad_generate_command_is_one_line(case, small_model_dir, tmp_path, capsy
     shutil.copytree(small_model_dir, folder)
     if edit is not None:
         edit(folder)
+    args = [a.format(folder=folder) for a in args]
     rc, out, err = run_main(generate_main, ["--model", str(folder), *args], capsys)
     assert (rc, out) == (code, ""), (rc, out, err)
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -95,3 +104,15 @@ def test_cache_memory_refuses_non_positive_positions(positions, capsys, monkeypa
     assert (rc, out) == (2, "")
     assert re.fullmatch(r"error: argument --positions: -?\d+ is not a position: give counts >= 1\n",
                         err), err
+
+
+def test_perplexity_tool_refuses_a_text_that_is_not_utf8(small_model_dir, tmp_path, capsys):
+    """A binary file was scored as text (undecodable bytes replaced): refused in one line
+    naming it, before the model loads, and nothing is written."""
+    binary = small_model_dir / "model.safetensors"
+    argv = ["--model", str(small_model_dir), "--text", str(binary), "--out", str(tmp_path / "o")]
+    rc, out, err = run_main(ppl_tool.main, argv, capsys)
+    assert (rc, out) == (1, "") and err.count("\n") == 1, err
+    assert re.fullmatch(rf"error: --text {re.escape(str(binary))} is not UTF-8 text \(byte "
+                        r"0x[0-9a-f]{2} at offset \d+\): give a UTF-8 text file\n", err), err
+    assert not (tmp_path / "o").exists()

@@ -3,9 +3,10 @@ with 1 and one line naming the bad value and the fix, the source checkpoint's by
 unchanged, and an export already at the output path is intact."""
 
 import hashlib
+import json
+import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
+from killed import hidden, killed
 from rat_plugin.model import RATModel, make_args
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+CONVERTER = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+sys.path.insert(0, str(CONVERTER.parent))
 from convert_checkpoint import main as convert_main  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,6 +87,9 @@ CASES = {
     "force-onto-another-model-folder": (None, ["{tmp}/llama", "--force"],
                                         r"llama exists and is not a folder this tool wrote"),
     "existing-output-without-force": (None, ["{export}"], r"export already exists: pass --force"),
+    # model_type "rat" and a model.safetensors, but not the record only --to-hf writes.
+    "force-onto-hand-made-rat-export": (None, ["{tmp}/rat_hf", "--to-hf", "--force"],
+                                        r"rat_hf exists and is not a folder this tool wrote"),
     # Checked before the tied head is compared, so a NaN is not reported as "differs".
     "nan-embedding-row": (NAN_ROW, ["{tmp}/out"], r"step-7: tok_embeddings.weight holds a "
                           r"non-finite weight nan at \[5, 0\].*convert an earlier checkpoint"),
@@ -107,7 +113,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     edit, args, pattern = CASES[case]
-    to_dcp = "--to-dcp" in args
+    to_dcp = "--to-dcp" in args or "--to-hf" in args  # from a folder the tool wrote
     src = full_checkpoint(tmp_path / "run" / "checkpoint" / "step-7", None if to_dcp else edit)
     export = tmp_path / "export"
     assert convert_main([str(full_checkpoint(tmp_path / "good"))
@@ -123,6 +129,9 @@ def test_bad_conversion_is_refused_and_loses_nothing(case, tmp_path, capsys):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "llama" / "model.safetensors"))
+    (tmp_path / "rat_hf").mkdir()
+    (tmp_path / "rat_hf" / "config.json").write_text('{"model_type": "rat"}')
+    safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "rat_hf" / "model.safetensors"))
     capsys.readouterr()
     before = tree_hashes(tmp_path)
 
@@ -186,18 +195,57 @@ def test_a_displaced_export_is_restored_before_the_output_is_checked(tmp_path, c
     out = tmp_path / "export"
     assert convert_main([str(src), str(out)]) == 0
     exported = tree_hashes(out)
-    (tmp_path / ".export.old-x1").mkdir()
-    out.rename(tmp_path / ".export.old-x1" / "export")
-    (tmp_path / ".export.tmp-x2").mkdir()  # the new folder the kill left half written
+    killed("displaced", CONVERTER, src, out, "--force")
+    assert not out.exists() and len(hidden(tmp_path)) == 2
     capsys.readouterr()
     assert convert_main([str(src), str(out)]) == 1
     captured = capsys.readouterr()
-    assert "restored" in captured.out and "removed .export.tmp-x2" in captured.out
+    assert re.search(r"restored .*export from .export.old-.*\nremoved .export.tmp-", captured.out)
     assert re.search(r"^error: .*export already exists: pass --force to replace it$",
                      captured.err.strip())
     assert tree_hashes(out) == exported
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "step-7"]
     assert convert_main([str(src), str(out), "--force"]) == 0
+
+
+@pytest.mark.slow
+def test_leftovers_the_conversion_reads_are_kept(tmp_path, capsys):
+    """Complete folders left by killed conversions, used as the source and as the tokenizer
+    of the next conversion to the same path, are kept; a conversion that does not read them
+    removes them."""
+    src = full_checkpoint(tmp_path / "step-7")
+    tokenizer = Path(__file__).resolve().parents[1] / "assets" / "tokenizer"
+    out = tmp_path / "export"
+    killed("swap", CONVERTER, src, out, *RAT, "--tokenizer", tokenizer)
+    (left_export,) = (tmp_path / name for name in hidden(tmp_path))
+    assert convert_main([str(src), str(out), "--tokenizer", str(left_export)]) == 0
+    assert (out / "tokenizer.json").read_bytes() == (tokenizer / "tokenizer.json").read_bytes()
+    seed = tmp_path / "seed"
+    killed("swap", CONVERTER, out, seed, "--to-dcp")
+    (left_seed,) = (tmp_path / name for name in hidden(tmp_path) if name.startswith(".seed"))
+    assert convert_main([str(left_seed), str(seed), "--to-dcp"]) == 1  # a DCP seed, not a folder
+    assert convert_main([str(left_seed), str(seed)]) == 0  # DCP -> folder at the same path
+    assert (left_seed / ".metadata").is_file() and (left_export / "tokenizer.json").is_file()
+    kept = capsys.readouterr().out
+    assert re.search(r"kept .export.tmp-\w+-\w+, left by an interrupted write of export, because "
+                     r"this run reads it: move it elsewhere to keep it", kept), kept
+    assert convert_main([str(src), str(out), "--force"]) == 0
+    assert convert_main([str(src), str(seed), "--force"]) == 0
+    assert hidden(tmp_path) == []
+
+
+@pytest.mark.parametrize("dtype", ["float64", 32])
+def test_to_hf_of_a_folder_with_a_bad_dtype_is_one_line(dtype, tmp_path, capsys):
+    export = tmp_path / "export"
+    assert convert_main([str(full_checkpoint(tmp_path / "step-7")), str(export)]) == 0
+    config = json.loads((export / "config.json").read_text())
+    (export / "config.json").write_text(json.dumps({**config, "dtype": dtype}))
+    capsys.readouterr()
+    assert convert_main([str(export), str(tmp_path / "hf"), "--to-hf"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"error: .*export/config.json is invalid \(dtype={dtype!r} is not one of "
+                        r"\['bf16', 'fp16', 'fp32'\]\): convert the checkpoint again\n", err), err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
@@ -207,7 +255,7 @@ def test_read_only_output_folder_is_one_line(tmp_path, capsys, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(os, "mkdir", refuse)
     before = tree_hashes(tmp_path)
     assert convert_main([str(src), str(tmp_path / "read-only" / "out")]) == 1
     err = capsys.readouterr().err

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,19 @@ def test_bad_job_is_a_one_line_config_error(case, tmp_path, debug_assets, monkey
     assert "\n" not in message and re.search(pattern, message), message
 
 
+@pytest.mark.parametrize("section", ["training", "validation"])
+def test_an_unknown_dataset_is_a_one_line_config_error(section):
+    """torchtitan raised a ValueError with its traceback ("Dataset x is not supported")."""
+    job = ConfigManager().parse_args(["--job.config_file", str(DEBUG_TOML), "--validation.enable",
+                                      f"--{section}.dataset", "fineweb_edu_val"])
+    build = ts.build_dataloader if section == "training" else ts.build_rat_validator
+    with pytest.raises(ConfigError) as info:
+        build(job_config=job, dp_world_size=1, dp_rank=0, tokenizer=None)
+    assert re.fullmatch(rf"\[{section}\] dataset='fineweb_edu_val' is unknown: choose one of "
+                        r"\[.*'fineweb_edu_validation'.*'rat_debug'.*\] \(--" + section +
+                        r".dataset\)", str(info.value)), str(info.value)
+
+
 def test_a_sound_job_passes(debug_assets, monkeypatch):
     monkeypatch.chdir(REPO)
     trainer_setup(DEBUG_TOML)
@@ -189,18 +203,20 @@ def run_plugin_trainer(dump: Path, config: Path, *overrides: str):
 
 
 @pytest.mark.slow
-def test_under_torchrun_a_config_error_is_one_line_per_rank(tmp_path, debug_assets):
-    """Two ranks, a TOML without [model] name (torchtitan would build llama3). Each rank prints
-    the one line; torchrun's report repeats it instead of the ranks' tracebacks. What remains
-    is torchrun's own summary (its traceback and per-rank table)."""
+def test_under_torchrun_a_config_error_is_one_line(tmp_path, debug_assets):
+    """Two ranks, a TOML without [model] name (torchtitan would build llama3). The first rank to
+    fail prints the one line (infra/errors.py), the other nothing; torchrun's report gives the
+    line instead of its traceback, and for the other rank a pointer to it. What remains is
+    torchrun's own summary (its traceback and per-rank table)."""
     run = launch(str(toml_without(tmp_path, 'name = "rat"')), tmp_path / "dump")
     line = "ConfigError: [model] name='llama3' (torchtitan's default: [model] name is not set)"
     assert run.returncode != 0
     lines = run.stdout.splitlines()
     printed_by_ranks = [l for l in lines if re.match(rf"(\[rank\d\]: )?{re.escape(line)}", l)]
-    assert 1 <= len(printed_by_ranks) <= 2, run.stdout
+    assert len(printed_by_ranks) == 1, run.stdout
     report = [l.split("traceback : ", 1)[1] for l in lines if "traceback : " in l]
-    assert report and all(r.startswith(line) for r in report), run.stdout
+    assert sum(r.startswith(line) for r in report) == 1, run.stdout
+    assert all(r.startswith((line, "the same error as node 0, rank ")) for r in report), report
     assert run.stdout.count("Traceback (most recent call last)") == 1  # torchrun's own
     assert not [l for l in lines if re.search(r'File ".*(rat_plugin|torchtitan)/', l)], run.stdout
     assert len(lines) < 60, run.stdout  # it was 93 with the ranks' tracebacks
@@ -218,3 +234,63 @@ def test_plugin_entry_point_needs_no_custom_import(tmp_path, debug_assets):
     assert "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].endswith(
         "ConfigError: [training] seq_len=0 must be a positive number of tokens, e.g. 256")
+
+
+def data_folder(tmp_path: Path, train: int | None = None, validation: int | None = None) -> Path:
+    """A copy of the debug corpus with its splits cut to so many documents (None: all)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split, keep in (("train", train), ("validation", validation)):
+        lines = (REPO / "assets" / "data" / "rat_debug" / f"{split}.jsonl").read_text().splitlines()
+        kept = lines if keep is None else lines[:keep]
+        (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in kept))
+    return folder
+
+
+def launch_bounded(dump: Path, *overrides: str, timeout: int = 240):
+    """``launch`` on rat_debug.toml, 2 ranks; a run still going after ``timeout`` seconds fails
+    the test, its ranks killed (found by the run's own dump folder in their command line)."""
+    try:
+        return launch("rat_debug.toml", dump, *overrides, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(dump).encode() in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        pytest.fail(f"the run hung: still running after {timeout} s")
+
+
+# id -> (documents in train.jsonl, in validation.jsonl; None: all), regex of the ConfigError.
+# One document for two ranks: datasets' split fails on rank 1 (an IndexError traceback); none:
+# each rank loops forever looking for data (the reported hang).
+NO_DATA = {
+    "training-share-empty": (1, None, r"\[training\] dataset 'rat_debug' at .*data gives "
+                                      r"data-parallel rank\(s\) \[1\] of 2 no documents"),
+    "validation-empty": (None, 0, r"\[validation\] dataset 'rat_debug_validation' at .*data "
+                                  r"holds no documents: point \[validation\] dataset_path"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(NO_DATA))
+def test_a_dataset_without_documents_for_a_rank_stops_every_rank(case, tmp_path, debug_assets):
+    """A rank whose share of a split is empty looped forever looking for data (the others
+    waited for it), or failed in datasets' split with an IndexError: now every rank stops
+    with the one line before training (torchrun's report names both)."""
+    train, validation, pattern = NO_DATA[case]
+    data = data_folder(tmp_path, train, validation)
+    run = launch_bounded(tmp_path / "dump", "--training.dataset_path", str(data),
+                         "--validation.dataset_path", str(data), "--training.steps=2",
+                         "--training.seq_len=64", "--validation.seq_len=64",
+                         "--training.local_batch_size=2", "--validation.local_batch_size=2",
+                         "--validation.freq=1")
+    assert run.returncode != 0
+    lines = run.stdout.splitlines()
+    report = [l.split("traceback : ", 1)[1] for l in lines if "traceback : " in l]
+    assert len(report) == 2, run.stdout[-3000:]  # both ranks raised it (none was killed)
+    assert all(re.match("ConfigError: " + pattern, r) for r in report), report
+    assert not [l for l in lines if re.search(r'File ".*(rat_plugin|torchtitan|datasets)/', l)], \
+        run.stdout[-3000:]
+    assert "Training starts" not in run.stdout

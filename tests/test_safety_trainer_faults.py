@@ -4,6 +4,8 @@ loads it (in process); the guards are checked on torchtitan's own optimizer cont
 tests resume the real trainer from a damaged checkpoint, from a NaN-rotted one and from a
 finished run's model-only last save."""
 
+import errno
+import os
 import re
 import shutil
 from pathlib import Path
@@ -12,13 +14,16 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.config import ConfigManager
 from torchtitan.distributed import ParallelDims
 
 from conftest import REPO, launch, tb_losses
-from rat_plugin.infra import ConfigError, NonFiniteError
+from rat_plugin.infra import ConfigError, DiskFullError, NonFiniteError
 from rat_plugin.infra.guards import build_guarded_optimizers, finite_loss
 from rat_plugin.infra.resume import check_resume
+from rat_plugin.infra.saving import explain_full_disk
 
 DEBUG_TOML = str(REPO / "train_configs" / "rat_debug.toml")
 
@@ -214,6 +219,37 @@ def test_non_finite_gradient_stops_before_the_optimizer_step():
     assert all(torch.equal(a, p) for a, p in zip(stepped, model.parameters()))
 
 
+# What a full disk makes DCP raise: each rank's failure, wrapped.
+SHORT_WRITE = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+NO_SPACE = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failure", [SHORT_WRITE, NO_SPACE, PermissionError(13, "denied")],
+                         ids=["short-write", "no-space", "permission"])
+def test_a_save_out_of_space_is_one_line_naming_the_folder(failure, tmp_path, monkeypatch):
+    """CheckpointManager.save, wrapped at plugin import: a failure for lack of space becomes
+    a DiskFullError naming the folder and the space left; any other passes through."""
+    def failing_save(self, curr_step, last_step=False):
+        raise CheckpointException("CheckpointException ranks:dict_keys([0])",
+                                  {0: (failure, None)})
+
+    monkeypatch.setattr(CheckpointManager, "save", failing_save)
+    explain_full_disk()
+    manager = CheckpointManager.__new__(CheckpointManager)
+    manager.folder = str(tmp_path / "dump" / "checkpoint")  # not created yet
+    if isinstance(failure, PermissionError):
+        with pytest.raises(CheckpointException):
+            manager.save(3)
+        return
+    with pytest.raises(DiskFullError) as info:
+        manager.save(3)
+    reason = "unexpected pos 704 vs 598" if failure is SHORT_WRITE else "No space left on device"
+    assert re.fullmatch(rf"saving the checkpoint of step 3 in {manager.folder} failed: the disk is "
+                        rf"full \(.*{reason}\); [\d.]+ [GM]iB free there: free space, keep fewer "
+                        r"checkpoints \(--checkpoint.keep_latest_k\) or point --job.dump_folder "
+                        r"at a disk with room", str(info.value)), str(info.value)
+
+
 # ----------------------------------------------------------------------------- the real trainer
 
 RUN = ("--training.local_batch_size=2", "--training.seq_len=64", "--checkpoint.enable",
@@ -307,3 +343,48 @@ def test_nan_in_resumed_weights_stops_before_the_next_save(finished_run, tmp_pat
                             r"the optimizer step, so no checkpoint holds this state")
     assert "Training starts at step 2" in run.stdout
     assert sorted(p.name for p in folder.iterdir()) == ["step-1"]
+
+
+# A custom_import for the trainer: the plugin, then DCP's files on a disk that fills after a few
+# KiB (writes take what fits, then fail with ENOSPC, as a full file system does).
+FILLING_DISK = """
+import errno, io, os
+from contextlib import contextmanager
+import torch.distributed.checkpoint.filesystem as fs
+import rat_plugin.train_spec  # noqa: F401
+
+room = [4096]
+
+class FillingFile(io.FileIO):
+    def write(self, data):
+        data = memoryview(data).cast("B")
+        fits = min(len(data), room[0])
+        room[0] -= fits
+        if fits == 0 and len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data[:fits])
+
+create_stream = fs.FileSystem.create_stream
+
+@contextmanager
+def filling_stream(self, path, mode):
+    if "w" not in mode:
+        with create_stream(self, path, mode) as stream:
+            yield stream
+        return
+    with io.BufferedWriter(FillingFile(str(path), "wb")) as stream:
+        yield stream
+
+fs.FileSystem.create_stream = filling_stream
+"""
+
+
+@pytest.mark.slow
+def test_a_disk_filling_during_a_checkpoint_save_is_one_line(tmp_path, monkeypatch, debug_assets):
+    (tmp_path / "filling_disk.py").write_text(FILLING_DISK)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run = launch("rat_debug.toml", tmp_path / "dump", *RUN, "--training.steps=1",
+                 "--experimental.custom_import", "filling_disk", nproc=1)
+    assert_one_line_failure(run, r"DiskFullError: saving the checkpoint of step 1 in .*dump/"
+                            r"checkpoint failed: the disk is full \(.*(unexpected pos|No space "
+                            r"left on device).*\); [\d.]+ [GM]iB free there: free space")

@@ -1,8 +1,9 @@
 """torchtitan's Hugging Face checkpoint path and the transformers export, with the real trainer
 (2 CPU ranks, FSDP2). From the shared seed exported for transformers (``--to-hf``), a run with
 ``initial_load_in_hf`` and ``last_save_in_hf`` has the losses of a run from the DCP seed and
-saves the weights that run saves as DCP; the saved file reads back through the adapter; and the
-trained model exported for transformers generates what ``rat_plugin.generate`` does."""
+saves the weights that run saves as DCP; the saved file reads back through the adapter and, with
+the files the plugin writes beside it, loads as a transformers folder; and the trained model
+exported for transformers generates what ``rat_plugin.generate`` does."""
 
 import sys
 from pathlib import Path
@@ -104,3 +105,39 @@ def test_trained_model_generates_the_same_through_transformers(runs, tmp_path, c
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     assert out[:, 9:].tolist() == reference
+
+
+@pytest.mark.slow
+def test_last_save_in_hf_is_a_transformers_folder(runs, tmp_path):
+    """torchtitan writes an HF save's shards and index only; the plugin adds config.json, the
+    generated code and the tokenizer, so the save loads with AutoModelForCausalLM and computes
+    what its DCP twin's weights compute, its tokenizer starts texts with BOS as training did,
+    and its config carries the record an edit is checked against."""
+    import json
+    import shutil
+    import warnings
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import rat_plugin.hf  # noqa: F401
+    from rat_plugin.generate.loading import ConfigMismatchWarning
+    from rat_plugin.model import RATModel
+
+    folder = runs["saved"]["hf"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigMismatchWarning)
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.model_kind == "rat" and model.config.flavor == "debugmodel"
+    assert model.config.scan_kernel == "auto" and model.config.max_seq_len == 64
+    twin = RATModel(model.config.to_args())
+    twin.load_state_dict(dcp_weights(runs["saved"]["dcp"]))
+    ids = torch.tensor([[1, 45, 97, 130, 31, 200, 17, 64, 90]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, twin(ids))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert tokenizer("Once upon a time").input_ids[0] == model.config.bos_token_id is not None
+    shutil.copytree(folder, tmp_path / "edited", ignore=shutil.ignore_patterns("sharded"))
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    (tmp_path / "edited" / "config.json").write_text(json.dumps({**config, "chunk_size": 32}))
+    with pytest.warns(ConfigMismatchWarning, match=r"chunk_size=32 \(exported with 16\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "edited")

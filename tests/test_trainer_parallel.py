@@ -97,13 +97,17 @@ COMPILE_AC = {
 }
 
 
+# One-process references by name, kept for the session: tests/test_multinode.py compares with them.
+REFERENCES: dict[str, dict[str, dict[int, float]]] = {}
+
+
 class Runs:
     """Launches trainer runs under one folder; seeds and one-process references are cached."""
 
     def __init__(self, root: Path, seed: SeedCheckpoints):
         self.root = root
         self.seed = seed
-        self._references: dict[str, dict[str, dict[int, float]]] = {}
+        self._references = REFERENCES
 
     def losses(self, name: str, config: str, *options: str, nproc: int = 1,
                expect: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
@@ -130,6 +134,7 @@ class Runs:
             train, held_out = losses["training"], losses["validation"]
             assert train[STEPS] < train[1] - 0.5, losses  # the steps really train
             assert held_out[STEPS] < held_out[1] - 0.3, losses  # and it shows on held-out data
+            losses["grad_norm"] = tb_losses(self.root / name, "grad_norm")
             self._references[name] = losses
         return self._references[name]
 

@@ -35,8 +35,10 @@ def parser(doc: str, out_default: str) -> argparse.ArgumentParser:
 def check_out(args: argparse.Namespace, result_file: str, sources: dict[str, str]) -> None:
     """Refuse an output folder that is, holds or lies in a source (the model folder, input
     files), or that exists without --force or was not written by this tool."""
-    for what, path in {"model folder": args.model, **sources}.items():
-        check_output(path, args.out, args.force, what, lambda out: (out / result_file).is_file())
+    sources = {"model folder": args.model, **sources}
+    for what, path in sources.items():
+        check_output(path, args.out, args.force, what, lambda out: (out / result_file).is_file(),
+                     reads=sources.values())
 
 
 def open_model(args: argparse.Namespace):
@@ -54,7 +56,7 @@ def write(args: argparse.Namespace, name: str, payload: dict,
     """``name``.json, and ``name``.png of the figure ``draw(pyplot)`` returns when matplotlib is
     installed, swapped in as the folder --out."""
     plt = bench.pyplot()  # None, after a one-line note, without matplotlib
-    with output_folder(Path(args.out), args.force, log=print) as tmp:
+    with output_folder(Path(args.out), args.force, log=print, reads=[args.model]) as tmp:
         (tmp / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
         if plt is not None:
             fig = draw(plt)

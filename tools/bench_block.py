@@ -57,11 +57,13 @@ class MixerBlock(nn.Module):
         return x + self.mixer(self.norm(x), None, cache)
 
 
-def mixer_specs(chunk_sizes: list[int], window: int) -> list[tuple[str, dict]]:
+def mixer_specs(chunk_sizes: list[int], window: int, only: list[str] | None = None
+                ) -> list[tuple[str, dict]]:
+    """(name, spec) of the mixers timed: attention, SWA, RAT per chunk size (or ``only``)."""
     specs = [("attention", dict(kind="attention", window=None))]
     specs.append((f"swa{window}", dict(kind="attention", window=window)))
     specs += [(f"rat_L{size}", dict(kind="rat", chunk_size=size)) for size in chunk_sizes]
-    return specs
+    return [(name, spec) for name, spec in specs if not only or name in only]
 
 
 def build_block(spec: dict, opts, device, dtype) -> MixerBlock:
@@ -239,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--groups", type=int, default=2, help="RAT query/key groups G")
     parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--window", type=int, default=1024, help="SWA window")
+    parser.add_argument("--mixers", nargs="+",
+                        help="time only these (attention, swa<window>, rat_L<chunk size>)")
     parser.add_argument("--scan-kernel", choices=SCAN_KERNELS, default="auto",
                         help="RAT's scan kernel (the model's scan_kernel setting)")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS, default="auto",
@@ -260,39 +264,52 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--dim {opts.dim} must split into --heads {opts.heads} even head dims")
     if opts.heads % opts.groups:
         parser.error(f"--groups {opts.groups} must divide --heads {opts.heads}")
+    names = [name for name, _ in mixer_specs(opts.chunk_sizes, opts.window)]
+    unknown = sorted(set(opts.mixers or ()) - set(names))
+    if unknown:
+        parser.error(f"--mixers {' '.join(unknown)}: not among this run's mixers {names}")
     return opts
+
+
+def describe_setup(opts, device: torch.device, dtype: torch.dtype) -> str:
+    kernels = select_kernels(device, opts.scan_kernel, opts.attention_kernel)
+    return (f"D={opts.dim} H={opts.heads} d={opts.dim // opts.heads} G={opts.groups} "
+            f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
+            f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
+            f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
+            f"{opts.warmup} warm-up; mixer kernels {kernels.scan} scan, {kernels.attention} "
+            f"attention; decode attention "
+            f"{bench.decode_kernel(device, dtype, opts.dim // opts.heads)}"
+            f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
+
+
+def run_cases(opts, device: torch.device, dtype: torch.dtype):
+    """Yield the record of every (mode, T or P, mixer) case of ``opts``, in order."""
+    _, attention_kernel = attention_backend(device)
+    with attention_kernel:
+        for mode in opts.modes:
+            for seq_len in opts.decode_positions if mode == "decode" else opts.seq_lens:
+                for name, spec in mixer_specs(opts.chunk_sizes, opts.window, opts.mixers):
+                    yield run_case(name, spec, mode, seq_len, opts, device, dtype)
 
 
 def main(argv=None) -> None:
     opts = parse_args(argv)
     device = bench.parse_device(opts.device)
     dtype = bench.parse_dtype(opts.dtype)
-    backend, attention_kernel = attention_backend(device)
-    kernels = select_kernels(device, opts.scan_kernel, opts.attention_kernel)
+    backend, _ = attention_backend(device)
     info = bench.machine_info(device)
-    names_specs = mixer_specs(opts.chunk_sizes, opts.window)
-    names = [n for n, _ in names_specs]
-    setup = (f"D={opts.dim} H={opts.heads} d={opts.dim // opts.heads} G={opts.groups} "
-             f"{opts.dtype}, train/prefill {opts.tokens} tokens per step, decode batch "
-             f"{opts.decode_batch}, median of >= {opts.repeats} timed calls (fewer past "
-             f"{opts.max_case_seconds:g} s, more until {opts.min_case_seconds:g} s) after "
-             f"{opts.warmup} warm-up; mixer kernels {kernels.scan} scan, {kernels.attention} "
-             f"attention; decode attention "
-             f"{bench.decode_kernel(device, dtype, opts.dim // opts.heads)}"
-             f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
+    names = [n for n, _ in mixer_specs(opts.chunk_sizes, opts.window, opts.mixers)]
+    setup = describe_setup(opts, device, dtype)
     print(f"machine: {bench.describe_machine(info)}")
     print(f"attention kernel: {backend}")
     print(f"block: {setup}", flush=True)
 
     records = []
-    with attention_kernel:
-        for mode in opts.modes:
-            for seq_len in opts.decode_positions if mode == "decode" else opts.seq_lens:
-                for name, spec in names_specs:
-                    record = run_case(name, spec, mode, seq_len, opts, device, dtype)
-                    records.append(record)
-                    print(f"  {mode:7s} T={seq_len:<7d} {name:10s} "
-                          f"{bench.fmt_ms(record['ms'])} ms {record.get('error', '')}", flush=True)
+    for record in run_cases(opts, device, dtype):
+        records.append(record)
+        print(f"  {record['mode']:7s} T={record['seq_len']:<7d} {record['mixer']:10s} "
+              f"{bench.fmt_ms(record['ms'])} ms {record.get('error', '')}", flush=True)
 
     headers, rows = summarize(records, names)
     print()

@@ -34,10 +34,12 @@ DEFAULTS = {
 
 
 def build_model(kind: str, flavor: str, device, dtype) -> RATModel:
+    """Random weights, initialised on ``device`` (a 1.3B model in seconds on a GPU)."""
     torch.manual_seed(0)
-    model = RATModel(make_args(kind, flavor))
-    model.init_weights()
-    return model.to(device=device, dtype=dtype).eval()
+    with torch.device(device):
+        model = RATModel(make_args(kind, flavor))
+        model.init_weights()
+    return model.to(dtype=dtype).eval()
 
 
 def generate(model: RATModel, batch: int, prompt: int, steps: int, device,
@@ -98,7 +100,7 @@ def fitting_batch(model, opts, device) -> int:
     return best
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--kinds", nargs="+", default=list(MODEL_KINDS), choices=list(MODEL_KINDS))
@@ -113,57 +115,61 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-batch", type=int, help="batch of the latency measurement")
     parser.add_argument("--latency-steps", type=int, default=5)
     bench.add_run_options(parser)
-    opts = bench.parse_run(parser, argv, DEFAULTS)
-    device = bench.parse_device(opts.device)
-    dtype = bench.parse_dtype(opts.dtype)
-    info = bench.machine_info(device)
+    return bench.parse_run(parser, argv, DEFAULTS)
+
+
+def describe_setup(opts, device, dtype) -> str:
     head_dim = make_args(opts.kinds[0], opts.flavor).head_dim
     budget = ("until out of memory" if opts.cache_budget_gib is None
               else f"caches within {opts.cache_budget_gib:g} GiB")
-    setup = (f"flavor {opts.flavor} {opts.dtype}, prompt {opts.prompt}, generate "
-             f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}; "
-             f"decode attention {bench.decode_kernel(device, dtype, head_dim)}"
-             f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
-    print(f"machine: {bench.describe_machine(info)}")
-    print(f"generation: {setup}")
-    if device.type == "cpu":
-        print("(CPU run: a small flavor and a shortened prompt/generation, not the paper's 1.3B "
-              "model with prompt 3072 and 1024 generated tokens)")
+    return (f"flavor {opts.flavor} {opts.dtype}, prompt {opts.prompt}, generate "
+            f"{opts.generate}, batch: largest power of two <= {opts.max_batch} with {budget}; "
+            f"decode attention {bench.decode_kernel(device, dtype, head_dim)}"
+            f"{', CUDA-graph replays' if opts.cuda_graph else ''}")
 
-    throughput, latency = [], []
-    for kind in opts.kinds:
-        model = build_model(kind, opts.flavor, device, dtype)
-        batch = fitting_batch(model, opts, device)
-        generate(model, min(batch, 2), min(opts.prompt, 64), 2, device, opts.cuda_graph)  # warm-up
-        run = generate(model, batch, opts.prompt, opts.generate, device, opts.cuda_graph)
-        run.update(kind=kind, batch=batch,
-                   decode_tokens_per_s=batch * (opts.generate - 1) / run["decode_s"],
-                   total_tokens_per_s=batch * opts.generate / (run["prefill_s"] + run["decode_s"]))
-        throughput.append(run)
-        print(f"  {kind:13s} batch {batch:5d}  {run['total_tokens_per_s']:9.1f} tok/s "
-              f"(decode only {run['decode_tokens_per_s']:.1f})", flush=True)
-        for position in opts.positions:
-            try:
-                caches = filled_caches(model, opts.latency_batch, position, opts.latency_steps + 1,
-                                       device)
-                token = torch.randint(model.args.vocab_size, (opts.latency_batch,), device=device)
-                with torch.inference_mode():
-                    step = functools.partial(DecodeStep(model, caches, opts.cuda_graph), token)
-                    times = bench.time_ms(step, device, warmup=1, repeats=opts.latency_steps)
-                ms, nbytes = bench.median(times), cache_bytes(caches)
-            except torch.OutOfMemoryError:
-                ms, nbytes = None, None
-            latency.append(dict(kind=kind, position=position, batch=opts.latency_batch, ms=ms,
-                                cache_bytes_per_sequence=nbytes))
-            print(f"  {kind:13s} decode step at {position:6d}: {bench.fmt_ms(ms)} ms", flush=True)
 
-    baseline = {"rat": "rat_attn", "rat_swa": "rat_attn_swa"}
+def measure(kind: str, opts, device, dtype) -> tuple[dict, list[dict]]:
+    """One model: generation throughput at the largest batch that fits, then the latency of
+    a decode step at each position. Returns (throughput record, latency records)."""
+    model = build_model(kind, opts.flavor, device, dtype)
+    batch = fitting_batch(model, opts, device)
+    generate(model, min(batch, 2), min(opts.prompt, 64), 2, device, opts.cuda_graph)  # warm-up
+    run = generate(model, batch, opts.prompt, opts.generate, device, opts.cuda_graph)
+    run.update(kind=kind, batch=batch,
+               decode_tokens_per_s=batch * (opts.generate - 1) / run["decode_s"],
+               total_tokens_per_s=batch * opts.generate / (run["prefill_s"] + run["decode_s"]))
+    print(f"  {kind:13s} batch {batch:5d}  {run['total_tokens_per_s']:9.1f} tok/s "
+          f"(decode only {run['decode_tokens_per_s']:.1f})", flush=True)
+    latency = []
+    for position in opts.positions:
+        try:
+            caches = filled_caches(model, opts.latency_batch, position, opts.latency_steps + 1,
+                                   device)
+            token = torch.randint(model.args.vocab_size, (opts.latency_batch,), device=device)
+            with torch.inference_mode():
+                step = functools.partial(DecodeStep(model, caches, opts.cuda_graph), token)
+                times = bench.time_ms(step, device, warmup=1, repeats=opts.latency_steps)
+            ms, nbytes = bench.median(times), cache_bytes(caches)
+        except torch.OutOfMemoryError:
+            ms, nbytes = None, None
+        latency.append(dict(kind=kind, position=position, batch=opts.latency_batch, ms=ms,
+                            cache_bytes_per_sequence=nbytes))
+        print(f"  {kind:13s} decode step at {position:6d}: {bench.fmt_ms(ms)} ms", flush=True)
+    return run, latency
+
+
+BASELINE = {"rat": "rat_attn", "rat_swa": "rat_attn_swa"}
+
+
+def tables(throughput: list[dict], latency: list[dict]) -> list[tuple[list, list]]:
+    """(headers, rows) of the throughput table and of the decode-latency table, each model
+    against its attention baseline when that was measured too."""
     by_kind = {r["kind"]: r for r in throughput}
     t_headers = ["model", "batch", "tokens/s", "decode-only tokens/s", "vs attention",
                  "cache bytes/seq at end"]
     t_rows = []
     for r in throughput:
-        base = by_kind.get(baseline.get(r["kind"], ""))
+        base = by_kind.get(BASELINE.get(r["kind"], ""))
         ratio = "-" if base is None else bench.fmt_ratio(r["total_tokens_per_s"],
                                                          base["total_tokens_per_s"])
         t_rows.append([r["kind"], str(r["batch"]), f"{r['total_tokens_per_s']:.1f}",
@@ -172,12 +178,34 @@ def main(argv=None) -> None:
     l_headers = ["model", "position", "batch", "step ms", "attention/this", "cache bytes/seq"]
     l_rows = []
     for r in latency:
-        base = next((b for b in latency if b["kind"] == baseline.get(r["kind"])
+        base = next((b for b in latency if b["kind"] == BASELINE.get(r["kind"])
                      and b["position"] == r["position"]), None)
         l_rows.append([r["kind"], str(r["position"]), str(r["batch"]), bench.fmt_ms(r["ms"]),
                        bench.fmt_ratio(base["ms"], r["ms"]) if base else "-",
                        "-" if r["cache_bytes_per_sequence"] is None
                        else f"{r['cache_bytes_per_sequence']:,}"])
+    return [(t_headers, t_rows), (l_headers, l_rows)]
+
+
+def main(argv=None) -> None:
+    opts = parse_args(argv)
+    device = bench.parse_device(opts.device)
+    dtype = bench.parse_dtype(opts.dtype)
+    info = bench.machine_info(device)
+    setup = describe_setup(opts, device, dtype)
+    print(f"machine: {bench.describe_machine(info)}")
+    print(f"generation: {setup}")
+    if device.type == "cpu":
+        print("(CPU run: a small flavor and a shortened prompt/generation, not the paper's 1.3B "
+              "model with prompt 3072 and 1024 generated tokens)")
+
+    throughput, latency = [], []
+    for kind in opts.kinds:
+        run, steps = measure(kind, opts, device, dtype)
+        throughput.append(run)
+        latency += steps
+
+    (t_headers, t_rows), (l_headers, l_rows) = tables(throughput, latency)
     print()
     print(bench.text_table(t_headers, t_rows))
     print()

@@ -10,7 +10,8 @@ checkpoint of the paper's code.
 The standalone folder (model.safetensors, config.json, tokenizer) is what
 ``python -m rat_plugin.generate --model rat_model`` loads. ``--to-dcp`` writes a model-only DCP
 checkpoint for ``checkpoint.initial_load_path``; ``--to-hf`` a folder that transformers'
-``AutoModelForCausalLM.from_pretrained`` loads after ``import rat_plugin.hf``.
+``AutoModelForCausalLM.from_pretrained`` loads (``trust_remote_code=True`` where rat_plugin is
+not installed: it carries its code).
 """
 
 import argparse
@@ -24,7 +25,8 @@ from rat_plugin.convert import (
     standalone_to_dcp,
     tokenizer_from_config,
 )
-from rat_plugin.generate.arguments import DTYPES, OneLineParser
+from rat_plugin.folder import DTYPES
+from rat_plugin.generate.arguments import OneLineParser
 from rat_plugin.paper_checkpoint import paper_to_dcp, paper_to_standalone
 
 

@@ -15,7 +15,7 @@ optimizer, schedule, FSDP2, selective op activation checkpointing, per-block
   weights' path; give a seed after ``--`` to start from one);
 - what a CPU cannot run: the compile backend is ``aot_eager`` (dynamo's fullgraph trace and the
   AOTAutograd joint graph, without inductor's codegen), and the plugin is loaded through
-  ``rat_plugin.infra.dry_run``, which resolves the kernels as on CUDA (the Triton scan custom op,
+  ``rat_plugin.dry_run``, which resolves the kernels as on CUDA (the Triton scan custom op,
   with its CPU body; flex_attention with our BlockMasks, through its reference implementation).
 ``--fp32`` also trains in fp32 (``mixed_precision_param``), for exact comparisons.
 tests/test_gpu_recipe.py runs every shipped GPU config this way (docs/design.md, "Dry run").
@@ -58,7 +58,7 @@ LOCAL_SFT_DATA = (
     "--sft.answer_field=answers",
     "--checkpoint.initial_load_path=",
 )
-ON_CPU = ("--experimental.custom_import=rat_plugin.infra.dry_run", "--compile.backend=aot_eager")
+ON_CPU = ("--experimental.custom_import=rat_plugin.dry_run", "--compile.backend=aot_eager")
 FP32 = ("--training.mixed_precision_param=float32",)
 
 

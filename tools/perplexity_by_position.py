@@ -10,8 +10,10 @@ BOS unless --no-bos). Each window is scored through the decode cache: one prefil
 its first --prefill tokens (default: the training length), then one cached decode step per token,
 so memory stays that of the caches (O(T / L) per RAT layer) however long the window. The loss of
 every position is averaged over the windows. Length defaults to 4x the training length. Writes
-perplexity_by_position.json (per position and per bucket of --bucket positions) and
-perplexity_by_position.png (loss vs position; matplotlib, the bench extra) to --out.
+perplexity_by_position.json (per position, per bucket of --bucket positions, and per window and
+bucket) and perplexity_by_position.png (mean loss per bucket, the range over the windows around
+it, the y axis from 0 so noise does not read as a trend, the training length marked;
+matplotlib, the bench extra) to --out.
 """
 
 import sys
@@ -22,6 +24,7 @@ import _eval_common as common  # noqa: E402
 
 from rat_plugin.eval.perplexity import by_position, token_windows  # noqa: E402
 from rat_plugin.eval.scoring import position_losses  # noqa: E402
+from rat_plugin.generate.arguments import read_text_file  # noqa: E402
 
 NAME = "perplexity_by_position"
 
@@ -46,17 +49,40 @@ def parse_args(argv=None):
 
 
 def plot(result: dict, train_length: int, title: str):
+    """Mean loss per bucket of positions, the range of the windows' own bucket means around it
+    (how much of a wiggle is noise), and the training length, which the x axis always reaches.
+    The y axis starts at 0 nats: zoomed onto the curve, a noise of 0.01 nats would read as a
+    trend; from 0, a change reads at its size against the loss itself."""
+    bucket, per_window = result["bucket"], result["loss_by_window"]
+    last = len(result["loss_by_position"])  # positions 1..last are scored
+    centres = [(p + min(p + bucket - 1, last)) / 2 for p in result["positions"]]
+    windows = len(per_window)
+    low = [min(column) for column in zip(*per_window)]
+    high = [max(column) for column in zip(*per_window)]
+
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(result["positions"], result["loss"], marker=".", label="mean loss")
-        if train_length < result["positions"][-1]:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.plot(centres, result["loss"], marker=".", color="tab:blue",
+                label=f"mean of {windows} window{'s' if windows > 1 else ''}, buckets of "
+                      f"{bucket} positions")
+        if windows > 1:
+            ax.fill_between(centres, low, high, color="tab:blue", alpha=0.25, linewidth=0,
+                            label=f"range over the {windows} windows")
+        if train_length <= 1.25 * last:
             ax.axvline(train_length, color="black", linestyle="--",
                        label=f"training length {train_length}")
-        ax.set_xlabel("token position")
-        ax.set_ylabel("loss (nats)")
+            ax.set_xlim(0, 1.03 * max(last, train_length))
+        else:  # far beyond the window: an arrow at the edge, not a curve squeezed to the left
+            ax.set_xlim(0, 1.03 * last)
+            ax.annotate(f"training length {train_length} \u2192\n(every position is within it)",
+                        (1, 0.5), xycoords="axes fraction", ha="right", va="center",
+                        fontsize=8, xytext=(-6, 0), textcoords="offset points")
+        ax.set_ylim(0, 1.1 * max(high))
+        ax.set_xlabel("token position (bucket centres)")
+        ax.set_ylabel("loss (nats; axis from 0)")
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower right", fontsize=8)
         return fig
 
     return draw
@@ -69,13 +95,13 @@ def main(argv=None) -> int:
 
 def evaluate(args) -> None:
     common.check_out(args, f"{NAME}.json", {"text file": args.text})
+    text = read_text_file(args.text, "--text")
     model, tokenizer, bos = common.open_model(args)
     train_length = model.args.max_seq_len
     length = args.length or 4 * train_length
     prefill = args.prefill or min(train_length, length - 1)
     if prefill >= length:
         raise ValueError(f"--prefill {prefill} must be below the window length {length}")
-    text = Path(args.text).read_text(encoding="utf-8", errors="replace")
     windows = token_windows(tokenizer.encode(text, add_special_tokens=False).ids, length,
                             args.windows, bos)
     losses = position_losses(model, windows, prefill, cuda_graph=args.cuda_graph)
@@ -101,7 +127,9 @@ def evaluate(args) -> None:
     print(f"{windows.shape[0]} window(s) of {length} tokens: mean loss "
           f"{payload['mean_loss']:.4f}, within the training length {within:.4f}"
           + (f", beyond it {beyond:.4f}" if beyond is not None else ""))
-    title = f"{NAME}: {args.model} on {Path(args.text).name}"
+    title = (f"loss by position: {Path(args.model).name} on {Path(args.text).name}\n"
+             f"{windows.shape[0]} window{'s' if windows.shape[0] > 1 else ''} of {length} "
+             f"tokens, buckets of {result['bucket']} positions, prefill {prefill}")
     common.write(args, NAME, payload, plot(result, train_length, title))
 
 

@@ -9,10 +9,12 @@ Each prompt (rat_plugin/eval/retrieval.py) hides a 5-digit pass key at a depth o
 ends with "The pass key is"; the model answers greedily through the decode cache (one prefill,
 then a few cached decode steps), and is right when the first number it generates is the key.
 Lengths default to 1K doubling up to twice the model's training length. Writes retrieval.json
-(accuracy per length and depth) and retrieval.png (a length x depth map; matplotlib, the bench
-extra) to --out.
+(accuracy per length and depth; per trial the key and the text answered, so a 0% can be told
+from a near miss) and retrieval.png (a length x depth map of right answers on a log length
+axis that always reaches the training length; matplotlib, the bench extra) to --out.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import _eval_common as common  # noqa: E402
 
 from rat_plugin.eval import retrieval  # noqa: E402
 from rat_plugin.generate import generate  # noqa: E402
+from rat_plugin.generate.arguments import read_text_file  # noqa: E402
 
 NAME = "retrieval"
 ANSWER_TOKENS = 8  # a 5-digit key and some slack
@@ -55,23 +58,50 @@ def default_lengths(train_length: int) -> list[int]:
 
 
 def plot(cells: list[retrieval.Cell], train_length: int, title: str):
+    """A length x depth map of right answers. The length axis is logarithmic and each column
+    spans the geometric midpoints around its length, so the training length is drawn at its own
+    value (not on a column boundary) and the axis always reaches it, even when every tested
+    length lies beyond it."""
     lengths = sorted({c.length for c in cells})
     depths = sorted({c.depth for c in cells})
-    accuracy = {(c.length, c.depth): c.accuracy for c in cells}
+    by_cell = {(c.length, c.depth): c for c in cells}
+    ratios = [b / a for a, b in zip(lengths, lengths[1:])] or [2.0]
+    edges = ([lengths[0] / math.sqrt(ratios[0])]
+             + [math.sqrt(a * b) for a, b in zip(lengths, lengths[1:])]
+             + [lengths[-1] * math.sqrt(ratios[-1])])
 
     def draw(plt):
-        fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
-        grid = [[accuracy[(n, d)] for n in lengths] for d in depths]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-        within = sum(n <= train_length for n in lengths)
-        if 0 < within < len(lengths):  # a line between the last length within and the rest
-            ax.axvline(within - 0.5, color="black", linestyle="--")
-        ax.set_xlabel(f"prompt length (tokens; training length {train_length})")
-        ax.set_ylabel("needle depth")
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(image, ax=ax, label="accuracy")
+        fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(lengths) + 4.5),
+                                        0.45 * len(depths) + 2.8))
+        grid = [[by_cell[(n, d)].accuracy for n in lengths] for d in depths]
+        image = ax.pcolormesh(edges, range(len(depths) + 1), grid, vmin=0, vmax=1,
+                              cmap="RdYlGn")
+        for row, depth in enumerate(depths):
+            for n in lengths:
+                cell = by_cell[(n, depth)]
+                ax.text(n, row + 0.5, f"{cell.correct}/{cell.trials}", ha="center",
+                        va="center", fontsize=8,
+                        bbox=dict(boxstyle="round,pad=0.2", facecolor="white", alpha=0.8,
+                                  linewidth=0))
+        ax.set_xscale("log")
+        ax.set_xlim(min(edges[0], train_length / 1.5), max(edges[-1], train_length * 1.5))
+        ax.set_ylim(len(depths), 0)  # depth 0 (the needle first) at the top
+        ax.set_xticks(lengths, [str(n) for n in lengths])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.set_yticks([row + 0.5 for row in range(len(depths))], [f"{d:g}" for d in depths])
+        ax.axvline(train_length, color="black", linestyle="--", linewidth=1.5,
+                   label=f"training length {train_length}")
+        outside = ("every tested length is beyond it" if train_length < lengths[0] else
+                   "every tested length is within it" if train_length > lengths[-1] else None)
+        if outside:  # the line stands in an untested stretch of the axis: say what it is
+            ax.annotate(f"training length {train_length}:\n{outside}", (train_length, 0.5),
+                        xycoords=("data", "axes fraction"), rotation=90, ha="right",
+                        va="center", fontsize=8, xytext=(-4, 0), textcoords="offset points")
+        ax.set_xlabel("prompt length (tokens, log scale)")
+        ax.set_ylabel("needle depth (0: start)")
+        ax.set_title(title, fontsize=9, pad=20)  # the legend sits between title and map
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), fontsize=8, frameon=False)
+        fig.colorbar(image, ax=ax, label="accuracy (right answers / trials)")
         return fig
 
     return draw
@@ -86,7 +116,7 @@ def evaluate(args) -> None:
     common.check_out(args, f"{NAME}.json", {"haystack": args.haystack} if args.haystack else {})
     model, tokenizer, bos = common.open_model(args)
     train_length = model.args.max_seq_len
-    haystack = (retrieval.sentences(Path(args.haystack).read_text(errors="replace"))
+    haystack = (retrieval.sentences(read_text_file(args.haystack, "--haystack"))
                 if args.haystack else None)
     builder = retrieval.PromptBuilder(
         lambda text: tokenizer.encode(text, add_special_tokens=False).ids, bos, haystack)
@@ -115,7 +145,9 @@ def evaluate(args) -> None:
         "accuracy": [[c.accuracy for c in cells if c.length == n] for n in lengths],
         "cells": [vars(c) | {"accuracy": c.accuracy} for c in cells],
     }
-    title = f"{NAME}: {args.model} ({args.haystack or 'passkey filler'})"
+    source = Path(args.haystack).name if args.haystack else "passkey filler"
+    title = (f"pass key retrieval: {Path(args.model).name}, {args.trials} keys per cell, "
+             f"{source}")
     common.write(args, NAME, payload, plot(cells, train_length, title))
 
 

@@ -67,7 +67,13 @@ def register_datasets() -> None:
 
 
 def check_dataset_path(name: str, path: str | None, section: str) -> None:
-    """Fail with one line naming ``[section] dataset_path`` when a local dataset is missing."""
+    """Fail with one line naming ``[section] dataset`` when no dataset has that name, or
+    ``[section] dataset_path`` when a local dataset is missing."""
+    if name.lower() not in DATASETS:
+        raise ConfigError(
+            f"[{section}] dataset={name!r} is unknown: choose one of {sorted(DATASETS)} "
+            f"(--{section}.dataset)"
+        )
     if name.lower() not in LOCAL_DATASETS:
         return  # torchtitan's own datasets: its loader reports problems
     config, required, hint = LOCAL_DATASETS[name.lower()]
@@ -78,3 +84,30 @@ def check_dataset_path(name: str, path: str | None, section: str) -> None:
             f"dataset {name!r} not found at {shown}: set [{section}] dataset_path "
             f"(--{section}.dataset_path) or {hint}"
         )
+
+
+def has_documents(dataset) -> bool:
+    """Whether this rank's share of a torchtitan text dataset (``HuggingFaceTextDataset`` or
+    ``DocumentPackedDataset``) holds a document; read through ``take``, which leaves the
+    checkpointed position of a streamed dataset where it is."""
+    return next(iter(dataset._data.take(1)), None) is not None
+
+
+def documents_problem(name: str, path: str | None, section: str, empty: list[int],
+                      dp_world_size: int) -> ConfigError | None:
+    """The one-line error for the data-parallel ranks ``empty`` whose share of the dataset
+    holds no document (None when there is none): such a rank would loop forever looking for
+    data while the others wait for it in a collective."""
+    if not empty:
+        return None
+    shown = f"{name!r} at {path or DATASETS[name.lower()].path}"
+    if len(empty) == dp_world_size:
+        return ConfigError(
+            f"[{section}] dataset {shown} holds no documents: point [{section}] dataset_path at "
+            f"the data (--{section}.dataset_path)"
+        )
+    return ConfigError(
+        f"[{section}] dataset {shown} gives data-parallel rank(s) {empty} of {dp_world_size} no "
+        f"documents (each rank reads its own share): give it at least {dp_world_size} documents, "
+        "or use fewer data-parallel ranks"
+    )

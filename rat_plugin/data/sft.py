@@ -155,8 +155,6 @@ class InstructionPackedDataset(DocumentPackedDataset):
             resolve(self.template)
         except TemplateError as err:
             raise ConfigError(f"[sft] template: {err}") from None
-        if isinstance(self._data, Dataset) and len(self._data) == 0:
-            raise ConfigError(f"[{self.section}] dataset {self.dataset_name!r} has no records")
         stats = self.packing_stats()
         logger.info(
             f"Instruction packing ({self.dataset_name}, template {self.template!r}, "

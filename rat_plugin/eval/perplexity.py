@@ -25,13 +25,19 @@ def token_windows(tokens: list[int], length: int, count: int, bos: int | None) -
 def by_position(losses: torch.Tensor, bucket: int) -> dict:
     """Per-position mean losses of (B, T - 1) window losses (column j is the loss of token
     j + 1), and their means over buckets of ``bucket`` positions: {"loss_by_position",
-    "positions" (each bucket's first position), "loss", "perplexity"}."""
-    mean = losses.double().mean(dim=0)
-    buckets = [mean[start: start + bucket] for start in range(0, mean.numel(), bucket)]
-    loss = [float(b.mean()) for b in buckets]
+    "bucket", "positions" (each bucket's first position), "loss", "perplexity",
+    "loss_by_window" (B rows: each window's mean loss per bucket, the spread behind the
+    mean)}."""
+    losses = losses.double()
+    mean = losses.mean(dim=0)
+    starts = range(0, mean.numel(), bucket)
+    loss = [float(mean[start: start + bucket].mean()) for start in starts]
     return {
         "loss_by_position": [float(v) for v in mean],
-        "positions": [1 + start for start in range(0, mean.numel(), bucket)],
+        "bucket": bucket,
+        "positions": [1 + start for start in starts],
         "loss": loss,
         "perplexity": [math.exp(v) if v < 700 else math.inf for v in loss],
+        "loss_by_window": [[float(row[start: start + bucket].mean()) for start in starts]
+                           for row in losses],
     }

@@ -99,6 +99,8 @@ class Cell:
     prompt_tokens: int  # the longest prompt of the cell
     correct: int
     trials: int
+    keys: list[str]  # per trial: the pass key hidden
+    answers: list[str]  # per trial: the text generated (a wrong digit is not a blank)
 
     @property
     def accuracy(self) -> float:
@@ -123,5 +125,6 @@ def run(builder: PromptBuilder, answer: Callable[[list[list[int]]], list[str]],
         for i, depth in enumerate(depths):
             cell = results[i * trials: (i + 1) * trials]
             cells.append(Cell(length, depth, max(len(p.tokens) for p, _ in cell),
-                              sum(is_correct(a, p.key) for p, a in cell), trials))
+                              sum(is_correct(a, p.key) for p, a in cell), trials,
+                              [p.key for p, _ in cell], [a for _, a in cell]))
     return cells

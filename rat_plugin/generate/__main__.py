@@ -24,6 +24,7 @@ from rat_plugin.generate.arguments import (
     check_temperature,
     check_top_k,
     check_top_p,
+    read_text_file,
     resolve_device,
 )
 from rat_plugin.generate.decode import generate
@@ -69,7 +70,8 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     path = Path(args.prompts_file)
     if not path.is_file():
         raise ModelFolderError(f"prompts file {path} does not exist")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    text = read_text_file(path, "prompts file", "give a UTF-8 text file, one prompt per line")
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ModelFolderError(f"prompts file {path} has no non-empty line")
     return lines

@@ -9,10 +9,11 @@ import argparse
 import math
 import numbers
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from rat_plugin.folder import DTYPES
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes (non-negative)
 
 
@@ -149,6 +150,23 @@ def check_prompts(prompts, vocab_size: int) -> list[list[int]]:
             )
         checked.append(ids)
     return checked
+
+
+def read_text_file(path, name: str, fix: str = "give a UTF-8 text file") -> str:
+    """The text of the UTF-8 file ``path`` (``name``: the flag or what the file is), or a
+    ValueError naming it: a binary file is not read as text with its bytes replaced."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read {name} {path} ({err.strerror or err}): {fix}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{name} {path} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset "
+            f"{err.start}): {fix}"
+        ) from None
 
 
 def resolve_dtype(dtype, name: str = "dtype") -> torch.dtype | None:

@@ -1,7 +1,6 @@
 """Load a standalone model folder (config.json + model.safetensors [+ tokenizer.json])."""
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,18 +16,15 @@ from rat_plugin.folder import (
     CONFIG_RECORD,
     TIED_HEAD,
     WEIGHTS_FILE,
+    ConfigMismatchWarning,  # noqa: F401  (re-exported: load() warns with it)
     ModelFolderError,
-    config_edits,
     read_config,
     shape_problems,
+    warn_config_edits,
     weight_problem,
 )
 from rat_plugin.generate.arguments import resolve_device, resolve_dtype
 from rat_plugin.model import RATModel
-
-
-class ConfigMismatchWarning(UserWarning):
-    """config.json differs from the configuration the weights were exported with."""
 
 
 def load(
@@ -68,7 +64,7 @@ def load(
         raise ModelFolderError(
             f"{weights}: {problem}: the file is corrupt; export it again from a good checkpoint"
         )
-    warn_config_edits(config, weights)
+    warn_config_edits(config, exported_record(weights), weights.parent / CONFIG_FILE, 2)
     with torch.device("meta"):
         model = RATModel(args)
     state = {k: v.to(dtype) for k, v in state.items() if k != TIED_HEAD}
@@ -79,19 +75,12 @@ def load(
     return model.eval()
 
 
-def warn_config_edits(config: dict, weights: Path) -> None:
+def exported_record(weights: Path) -> str | None:
+    """The configuration the converter recorded in the metadata of ``weights``."""
     from safetensors import safe_open
 
     with safe_open(str(weights), "pt") as f:
-        record = (f.metadata() or {}).get(CONFIG_RECORD)
-    edits = config_edits(config, record) if record else []
-    if edits:
-        warnings.warn(
-            f"{weights.parent / CONFIG_FILE} was edited after export: {', '.join(edits)}; the "
-            "model may compute garbage: restore those values or convert the checkpoint again",
-            ConfigMismatchWarning,
-            stacklevel=3,
-        )
+        return (f.metadata() or {}).get(CONFIG_RECORD)
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

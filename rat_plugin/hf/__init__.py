@@ -4,7 +4,9 @@
     model = AutoModelForCausalLM.from_pretrained("rat_hf")   # a folder from --to-hf
     model.generate(input_ids, max_new_tokens=64)             # RAT's chunk caches
 
-The classes wrap the project's model and caches (no second copy of the model code).
+The classes wrap the project's model and caches (no second copy of the model code). An export
+also carries its own code, generated from this package (``remote_code``), so it loads with
+``trust_remote_code=True`` where rat_plugin is not installed.
 """
 
 try:

@@ -13,3 +13,8 @@ class ConfigError(ValueError):
 class NonFiniteError(RuntimeError):
     """Training stopped at a non-finite loss or gradient, before the optimizer step (and so
     before any checkpoint of that state); printed as one line like ConfigError."""
+
+
+class DiskFullError(RuntimeError):
+    """A checkpoint save ran out of disk space; printed as one line like ConfigError, naming the
+    folder and the space left there (``saving.py``)."""

@@ -37,6 +37,27 @@ from rat_plugin.model.rat import RAT
 from rat_plugin.model.swa import SlidingWindowAttention
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (for torch 2.11's all-gather)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _all_gather(tensor: torch.Tensor, dim: int, mesh: DeviceMesh) -> torch.Tensor:
+    """The autograd-aware all-gather (backward reduce-scatters): torch 2.13's
+    ``all_gather_single``; torch 2.11's ``all_gather_tensor_autograd`` reduce-scatters only a
+    contiguous gradient (the slices and transposes after the gather give a strided one)."""
+    if hasattr(funcol, "all_gather_single"):
+        return funcol.all_gather_single(tensor, dim, mesh)
+    return _ContiguousGrad.apply(funcol.all_gather_tensor_autograd(tensor, dim, mesh))
+
+
 class SummaryAllGather:
     """``RAT.summary_exchange`` over a 1-D CP mesh: one all-gather of [K | V] and one of ids."""
 
@@ -55,7 +76,7 @@ class SummaryAllGather:
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``tensor`` along dim 0; backward reduce-scatters (sums)."""
-        return funcol.all_gather_single(tensor, 0, self.cp_mesh)
+        return _all_gather(tensor, 0, self.cp_mesh)
 
 
 def _positions(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -194,7 +215,7 @@ class HaloAttention:
         global document starts of packed documents, or None -> (B, H, T_local, d)."""
         layout, head_dim = self.layout, k.shape[-1]
         tails = torch.cat((k, v), dim=-1)[:, :, layout.send].permute(2, 0, 1, 3).contiguous()
-        tails = funcol.all_gather_single(tails, 0, layout.cp_mesh).permute(1, 2, 0, 3)
+        tails = _all_gather(tails, 0, layout.cp_mesh).permute(1, 2, 0, 3)
         outs = []
         for (start, end), halo, key_pos in zip(layout.pieces, layout.halo, layout.key_pos):
             halo_kv = tails[:, :, halo]

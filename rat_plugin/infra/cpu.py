@@ -64,7 +64,7 @@ CPUDeviceModule = types.SimpleNamespace(
 )
 
 
-# Set by the GPU recipe's dry run (infra/dry_run.py): "auto" kernels resolve as on CUDA.
+# Set by the GPU recipe's dry run (rat_plugin/dry_run.py): "auto" kernels resolve as on CUDA.
 KERNELS_AS_ON_CUDA = False
 
 

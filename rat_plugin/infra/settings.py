@@ -20,6 +20,7 @@ def compiles_model(job_config: JobConfig) -> bool:
 
 def check_settings(job_config: JobConfig, mixer: str, chunk_size: int) -> None:
     _check_clipping(job_config.training.max_norm)
+    _check_loader_workers(job_config)
     _check_context_parallel(job_config, mixer, chunk_size)
     _check_compile_dependent(job_config)
     if cpu.cpu_mode() and job_config.checkpoint.enable \
@@ -40,6 +41,21 @@ def _check_clipping(max_norm: float) -> None:
             f"so this {effect} them (it has no 'off' value): use a positive norm, or a large one "
             "such as 1e9 to clip nothing"
         )
+
+
+def _check_loader_workers(job_config: JobConfig) -> None:
+    """torchtitan's text dataset (and the document-aware packing built on it) ignores the loader
+    worker it runs in: each of N workers reads the rank's whole share, so every batch comes N
+    times, and the checkpointed data position is per worker."""
+    sections = ["training"] + (["validation"] if job_config.validation.enable else [])
+    for section in sections:
+        workers = getattr(job_config, section).dataloader.num_workers
+        if workers > 0:
+            raise ConfigError(
+                f"[{section}.dataloader] num_workers={workers}: the text datasets give every "
+                f"loader worker this rank's whole share of the data, so each batch would be "
+                f"read {workers} times: set num_workers = 0"
+            )
 
 
 def _check_context_parallel(job_config: JobConfig, mixer: str, chunk_size: int) -> None:

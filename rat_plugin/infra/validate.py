@@ -34,8 +34,9 @@ from rat_plugin.infra import ConfigError, NonFiniteError
 
 class RATValidator(Validator):
     def __init__(self, dataloader=None, **kwargs):
-        """``dataloader``: the held-out batches, if not torchtitan's text dataloader (with
-        ``[rat] document_aware``, the documents packed as in training)."""
+        """``dataloader``: the held-out batches, if not torchtitan's text dataloader (the
+        train spec passes its own, each rank's share checked to hold documents; with ``[rat]
+        document_aware``, the documents packed as in training)."""
         super().__init__(**kwargs)
         if dataloader is not None:
             self.validation_dataloader = dataloader

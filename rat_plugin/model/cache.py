@@ -61,6 +61,17 @@ class DecodeCache:
             )
         self._longest += 1
 
+    def make_room(self, tokens: int) -> None:
+        """Grow the buffers, to at least twice their length, when ``tokens`` more decode steps
+        would not fit: for a caller that cannot know ``max_len`` in advance (a decoding loop
+        written against transformers' API). Eager only, between steps: the buffers move."""
+        needed = self._longest + tokens
+        if needed > self.max_len:
+            self._resize(max(needed, 2 * self.max_len))
+
+    def _resize(self, max_len: int) -> None:
+        self.max_len = max_len
+
     def snapshot(self) -> tuple[list[torch.Tensor], int]:
         """What a decode step changes besides the slot it writes (which the next step at the
         same position writes again): for running steps that must not count, as when warming up
@@ -149,6 +160,13 @@ class RATCache(DecodeCache):
     def _step_tensors(self) -> list[torch.Tensor]:
         return [self.pos, self.state_k, self.state_v]
 
+    def _resize(self, max_len: int) -> None:
+        super()._resize(max_len)
+        slots = -(-max_len // self.chunk_size)
+        if self.filled:  # new slots at the end: every chunk keeps its slot
+            self.keys, self.values = (_pad_slots(t, slots) for t in (self.keys, self.values))
+        self.num_slots = slots
+
     def nbytes_per_sequence(self) -> int:
         """Bytes one sequence needs at its current position: slots of the chunks so far and the
         fp32 running state."""
@@ -201,9 +219,23 @@ class KVCache(DecodeCache):
         self.pos.add_(1)
         return self.pos.clamp(max=self.num_slots)
 
+    def _resize(self, max_len: int) -> None:
+        super()._resize(max_len)
+        slots = max_len if self.window is None else min(self.window + 1, max_len)
+        # A ring smaller than window + 1 has never wrapped (it held max_len tokens at most), so
+        # position p stays in slot p.
+        if self.filled:
+            self.keys, self.values = (_pad_slots(t, slots) for t in (self.keys, self.values))
+        self.num_slots = slots
+
     def nbytes_per_sequence(self) -> int:
         """Bytes one sequence needs at its current position."""
         seen = int(self.pos.max()) if self.filled else 0
         held = seen if self.window is None else min(seen, self.window + 1)
         heads, _, head_dim = self.keys.shape[1:]
         return 2 * heads * held * head_dim * self.dtype.itemsize
+
+
+def _pad_slots(buffer: torch.Tensor, slots: int) -> torch.Tensor:
+    """(B, H, slots so far, d) -> (B, H, slots, d), the new slots zero."""
+    return torch.nn.functional.pad(buffer, (0, 0, 0, slots - buffer.shape[2]))

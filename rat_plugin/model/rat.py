@@ -63,7 +63,10 @@ class RAT(nn.Module):
         repeats = heads // self.n_groups
         q = self.wq(u).view(batch, seq_len, self.n_groups, self.head_dim).repeat(1, 1, repeats, 1)
         k = self.wk(u).view(batch, seq_len, self.n_groups, self.head_dim).repeat(1, 1, repeats, 1)
-        forget_gate = torch.sigmoid(self.wg(u).float()).view(batch, seq_len, heads, self.head_dim)
+        # The gate g in [0, 1] multiplies the running state L times per chunk: fp32 at least
+        # (accumulation_dtype), fp64 for an fp64 model.
+        forget_gate = torch.sigmoid(self.wg(u).to(accumulation_dtype(u.dtype)))
+        forget_gate = forget_gate.view(batch, seq_len, heads, self.head_dim)
         output_gate = torch.sigmoid(self.wz(u))
         kernels = select_kernels(u.device, *self.kernel_choice, head_dim=self.head_dim)
 

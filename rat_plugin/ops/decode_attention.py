@@ -3,11 +3,9 @@
 Every decode cache is laid out so that the slots a token may see are a prefix: RAT's chunk
 summaries followed by its own running state, SWA's ring buffer (all of it once full), the full
 KV cache. One kernel therefore serves all three: flash-attn's kv-cache kernel when it is
-installed and the tensors are fp16/bf16 on CUDA, PyTorch SDPA with a prefix mask otherwise.
-``RAT_DECODE_ATTENTION`` (auto | sdpa | flash) forces either. Neither reads anything back to
-the host, so a decode step can be captured in a CUDA graph. The flash-attn call is wrapped in
-the custom op ``rat_titan::flash_decode``: dynamo cannot trace a raw extension call, but it can
-an opaque op, so ``torch.compile(fullgraph=True)`` of a decode step works with either backend.
+installed and the tensors are fp16/bf16 on CUDA (``rat_plugin.ops.flash_decode``), PyTorch SDPA
+with a prefix mask otherwise. ``RAT_DECODE_ATTENTION`` (auto | sdpa | flash) forces either.
+Neither reads anything back to the host, so a decode step can be captured in a CUDA graph.
 """
 
 import os
@@ -15,13 +13,23 @@ import os
 import torch
 import torch.nn.functional as F
 
-try:  # optional extra: builds only with CUDA
-    from flash_attn import flash_attn_with_kvcache
-except ImportError:
-    flash_attn_with_kvcache = None
+from rat_plugin.ops.dispatch import GPU_PROGRAMS
 
 DECODE_ENV = "RAT_DECODE_ATTENTION"
 _CHOICES = ("auto", "sdpa", "flash")
+
+
+def _flash_attn_importable() -> bool:
+    if not GPU_PROGRAMS:
+        return False
+    try:  # optional extra: builds only with CUDA
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+FLASH_ATTN = _flash_attn_importable()
 
 
 def decode_backend(q: torch.Tensor) -> str:
@@ -31,37 +39,15 @@ def decode_backend(q: torch.Tensor) -> str:
         raise ValueError(f"{DECODE_ENV}={choice!r} is not one of {', '.join(_CHOICES)}")
     usable = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
     if choice == "flash":
-        if flash_attn_with_kvcache is None or not usable:
+        if not FLASH_ATTN or not usable:
             raise ValueError(
                 f"{DECODE_ENV}=flash needs flash-attn installed and fp16/bf16 CUDA tensors with "
                 f"head_dim <= 256 (got {q.dtype} on {q.device.type}); use {DECODE_ENV}=auto"
             )
         return "flash"
-    if choice == "auto" and usable and flash_attn_with_kvcache is not None:
+    if choice == "auto" and usable and FLASH_ATTN:
         return "flash"
     return "sdpa"
-
-
-@torch.library.custom_op("rat_titan::flash_decode", mutates_args=())
-def flash_decode(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """flash-attn's kv-cache kernel over the first ``lengths`` (int32) slots: q (B, H, d),
-    caches (B, H, slots, d) -> (B, H, d)."""
-    out = flash_attn_with_kvcache(
-        q[:, None],  # (B, 1, H, d)
-        keys.transpose(1, 2),  # (B, slots, H, d) views: flash reads them by stride
-        values.transpose(1, 2),
-        cache_seqlens=lengths,
-        softmax_scale=scale,
-        causal=False,
-    )
-    return out[:, 0].contiguous()
-
-
-@flash_decode.register_fake
-def _(q, keys, values, lengths, scale):
-    return torch.empty_like(q)
 
 
 def decode_attention(
@@ -72,6 +58,8 @@ def decode_attention(
     q and keys are already rotated; every length must be >= 1. Returns (B, H, d) in q's dtype.
     """
     if decode_backend(q) == "flash":
+        from rat_plugin.ops.flash_decode import flash_decode
+
         return flash_decode(q, keys, values, lengths.to(torch.int32), scale)
     slots = keys.shape[2]
     visible = torch.arange(slots, device=q.device) < lengths[:, None]  # (B, slots)

@@ -25,6 +25,10 @@ from rat_plugin.ops.chunk_attention import chunk_attention
 from rat_plugin.ops.chunk_scan import chunk_scan
 from rat_plugin.ops.window_attention import window_attention
 
+# Whether the GPU programs (Triton scan, flex_attention, flash-attn decoding) are here: False in
+# the code a transformers export carries (rat_plugin/hf/remote_code.py), where auto then means
+# the portable path on every device and an explicit GPU choice is refused.
+GPU_PROGRAMS = True
 KERNELS_ENV = "RAT_KERNELS"
 ATTENTION_ENV = "RAT_ATTENTION"
 SCAN_KERNELS = ("auto", "torch", "triton", "triton_autotune")
@@ -91,6 +95,14 @@ def select_kernels(
     resolved for tensors on ``device`` and heads of ``head_dim`` channels."""
     scan = _override(KERNELS_ENV, scan, SCAN_KERNELS, "scan_kernel")
     attention = _override(ATTENTION_ENV, attention, ATTENTION_KERNELS, "attention_kernel")
+    if not GPU_PROGRAMS:
+        chosen = [f"{name}={value!r}" for name, value in (("scan_kernel", scan),
+                  ("attention_kernel", attention)) if value not in ("auto", "torch")]
+        if chosen:
+            raise ValueError(f"{', '.join(chosen)}: this exported code carries the portable "
+                             "kernels only: use auto or torch (or load the model with rat_plugin "
+                             "installed for the GPU programs)")
+        return MixingKernels(scan="torch", attention="torch")
     on_cuda = device.type == "cuda"
     small_heads = head_dim is not None and head_dim < FLEX_MIN_HEAD_DIM
     if scan == "auto":

@@ -140,9 +140,12 @@ def _launch(kernel, autotune: bool, k: torch.Tensor, chunk_size: int, *tensors, 
     def grid(meta):
         return batch * num_chunks, heads, triton.cdiv(head_dim, meta["BLOCK_D"])
 
-    wrap_triton(_TUNED[kernel] if autotune else kernel)[grid](
-        *tensors, seq_len, heads, head_dim, num_chunks, CHUNK=chunk_size, ACC=acc, **options
-    )
+    kernel = _TUNED[kernel] if autotune else kernel
+    # The interpreter's kernels (eager CPU calls, never traced) run unwrapped: what torch 2.13's
+    # wrap_triton returns for them; torch 2.11's refuses them.
+    launch = kernel if INTERPRETED else wrap_triton(kernel)
+    launch[grid](*tensors, seq_len, heads, head_dim, num_chunks, CHUNK=chunk_size, ACC=acc,
+                 **options)
 
 
 @triton_op("rat_titan::chunk_scan_fwd", mutates_args=())

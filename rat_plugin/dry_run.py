@@ -1,4 +1,4 @@
-"""The GPU recipe's dry run on CPU ranks (``custom_import = "rat_plugin.infra.dry_run"``).
+"""The GPU recipe's dry run on CPU ranks (``custom_import = "rat_plugin.dry_run"``).
 
 Loads the plugin (``rat_plugin.train_spec``) and makes the trainer run the program a GPU runs:
 ``auto`` kernels resolve as on CUDA (the Triton scan custom op, whose CPU body runs here, and
