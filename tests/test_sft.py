@@ -367,6 +367,15 @@ def test_bad_sft_settings_are_one_line(overrides, message, tmp_path, tokenizer):
     assert re.search(message, str(err.value)), str(err.value)
 
 
+def test_a_rank_without_records_is_one_line(tmp_path, tokenizer):
+    """Instruction data goes through the same check of every rank's share as text data."""
+    write_jsonl(tmp_path / "train.jsonl", [GOOD])
+    config = job("--training.dataset", "sft", "--training.dataset_path", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^\[training\] dataset 'sft' at .* gives "
+                       r"data-parallel rank\(s\) \[1\] of 2 no documents"):
+        ts.build_dataloader(dp_world_size=2, dp_rank=1, tokenizer=tokenizer, job_config=config)
+
+
 def test_a_missing_pretrained_checkpoint_is_one_line(tmp_path):
     from rat_plugin.infra.resume import check_resume
 
