@@ -1,10 +1,11 @@
 """The generated long-context QA set (rat_plugin/data/longqa.py): LongBench's record format, the
-answer stated once, right after the marker phrase the question repeats."""
+answer (a word of the answer lists, of the kind the question asks for) stated once, right after
+the marker phrase the question repeats; with more facts, the question picks its own."""
 
 import json
 import re
 
-from rat_plugin.data.longqa import generate_longqa
+from rat_plugin.data.longqa import ANSWER_NAMES, ANSWER_THINGS, generate_longqa
 from rat_plugin.data.prepare import LONGQA
 
 KEYS = {"input", "context", "answers", "length", "dataset", "language", "all_classes", "_id"}
@@ -47,7 +48,19 @@ def test_each_answer_is_stated_once_after_its_marker(debug_assets):
         (answer,) = r["answers"]
         assert re.findall(fact_for(r["input"]), r["context"]) == [answer]
         assert len(re.findall(rf"\b{answer}\b", r["context"])) == 1, r
-        kinds.add(r["input"].split()[0])
-        # the other fact is of the other kind: the question's marker picks the answer
+        kind = r["input"].split()[0]
+        kinds.add(kind)
+        assert answer in (ANSWER_NAMES if kind == "Who" else ANSWER_THINGS)
         assert len(re.findall(r"belongs to|keeps an? ", r["context"])) == LONGQA["facts"]
     assert kinds == {"Who", "What"}
+
+
+def test_with_more_facts_the_question_picks_its_own():
+    records = generate_longqa({"test": 50}, seed=7, stories=(2, 2), facts=3)["test"]
+    for r in records:
+        (answer,) = r["answers"]
+        assert re.findall(fact_for(r["input"]), r["context"]) == [answer]
+        assert len(re.findall(r"belongs to|keeps an? ", r["context"])) == 3
+        others = set(re.findall(r"belongs to (\w+)|keeps an? (\w+)", r["context"])) - {
+            (answer, ""), ("", answer)}
+        assert len(others) == 2  # two distractor facts with other answers
