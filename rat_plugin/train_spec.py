@@ -44,6 +44,8 @@ from rat_plugin.data.datasets import (
     register_datasets,
 )
 from rat_plugin.data.packing import DocumentPackedDataset
+from rat_plugin.data.sft import SFT_DATASETS, InstructionPackedDataset, is_instruction_dataset
+from rat_plugin.data.templates import TEMPLATES
 from rat_plugin.data.tokenizer import (
     TOKENIZER_FILE,
     TokenizerFileError,
@@ -201,10 +203,15 @@ def build_tokenizer(job_config: JobConfig):
 
 def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig, **kwargs):
     """torchtitan's text dataloader, or with ``[rat] document_aware`` the document-aware
-    packing (``rat_plugin.data.packing``); every rank's share checked to hold documents."""
+    packing (``rat_plugin.data.packing``); instruction data (``sft``, ``rat_longqa``) is
+    always packed document-aware, answer-only (``rat_plugin.data.sft``). Every rank's share is
+    checked to hold documents."""
     training = job_config.training
     check_dataset_path(training.dataset, training.dataset_path, "training")
-    if not document_aware(job_config):
+    if is_instruction_dataset(training.dataset):
+        build = partial(instruction_loader, job_config, "training", tokenizer, dp_rank,
+                        dp_world_size, infinite=kwargs.get("infinite", True))
+    elif not document_aware(job_config):
         build = partial(build_text_dataloader, dp_world_size, dp_rank, tokenizer, job_config,
                         **kwargs)
     else:
@@ -214,8 +221,9 @@ def build_dataloader(*, dp_world_size, dp_rank, tokenizer, job_config: JobConfig
 
 
 def build_rat_validator(*, job_config: JobConfig, **kwargs):
-    """RAT's validator; with ``[rat] document_aware`` it validates on documents packed as in
-    training, so the held-out loss is that of each document alone, as it will be decoded."""
+    """RAT's validator; with ``[rat] document_aware`` (and on instruction data) it validates on
+    documents packed as in training, so the held-out loss is that of each document alone, as it
+    will be decoded."""
     validation = job_config.validation
     check_dataset_path(validation.dataset, validation.dataset_path, "validation")
     world = kwargs["dp_world_size"]
@@ -227,7 +235,10 @@ def build_rat_validator(*, job_config: JobConfig, **kwargs):
             "reach: set steps to a number of batches every rank has"
         )
     rank, infinite = kwargs["dp_rank"], validation.steps != -1
-    if document_aware(job_config):
+    if is_instruction_dataset(validation.dataset):
+        build = partial(instruction_loader, job_config, "validation", kwargs["tokenizer"], rank,
+                        world, infinite)
+    elif document_aware(job_config):
         build = partial(document_packed_loader, job_config, "validation", kwargs["tokenizer"],
                         rank, world, infinite)
     else:
@@ -279,10 +290,51 @@ def document_packed_loader(
         )
     except ValueError as e:
         raise ConfigError(f"[rat] document_aware, [{section}] {e}") from None
+    return batches(dataset, data, dp_rank, dp_world_size)
+
+
+def batches(dataset, data, dp_rank: int, dp_world_size: int) -> ParallelAwareDataloader:
+    """torchtitan's loader of ``dataset`` with the ``[training]`` / ``[validation]`` settings
+    ``data``."""
     return ParallelAwareDataloader(
         dataset, dp_rank=dp_rank, dp_world_size=dp_world_size,
         **{**dataclasses.asdict(data.dataloader), "batch_size": data.local_batch_size},
     )
+
+
+def instruction_loader(
+    job_config: JobConfig, section: str, tokenizer, dp_rank: int, dp_world_size: int,
+    infinite: bool,
+) -> ParallelAwareDataloader:
+    """The ``[training]`` or ``[validation]`` instruction records as answer-only examples,
+    packed document-aware (``rat_plugin.data.sft``)."""
+    data = getattr(job_config, section)
+    sft = getattr(job_config, "sft", None)
+    if sft is None:
+        raise ConfigError(
+            f"[{section}] dataset={data.dataset!r} is read with the [sft] settings: add [job] "
+            'custom_config_module = "rat_plugin.infra.config" to the config'
+        )
+    config, _, own_template = SFT_DATASETS[data.dataset.lower()]
+    template = sft.template or own_template
+    if not template:
+        raise ConfigError(
+            f"[sft] template is not set for [{section}] dataset={data.dataset!r}: name one of "
+            f"{', '.join(TEMPLATES)} or give a template string over the records' fields"
+        )
+    chunk_size = make_args(job_config.model.name, job_config.model.flavor).chunk_size
+    try:
+        dataset = InstructionPackedDataset(
+            data.dataset, data.dataset_path or config.path, tokenizer, seq_len=data.seq_len,
+            dp_rank=dp_rank, dp_world_size=dp_world_size, infinite=infinite,
+            chunk_size=chunk_size, template=template, answer_field=sft.answer_field,
+            bos=sft.bos, section=section,
+        )
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"[{section}] {e}") from None
+    return batches(dataset, data, dp_rank, dp_world_size)
 
 
 class Float8NameError:

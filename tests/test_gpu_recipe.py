@@ -37,6 +37,9 @@ GPU_PROGRAM = (
     f"Saving a model only checkpoint in torch.bfloat16 at last step, step {STEPS}",
 )
 FLOAT8 = ("Float8 training active with recipe tensorwise", "Swapped to Float8Linear")
+# Fine-tuning: instruction examples packed whole (the generated QA set, rat_longqa).
+SFT_PROGRAM = tuple(line for line in GPU_PROGRAM if not line.startswith("Document-aware")) + (
+    "Instruction packing (rat_longqa, template 'rat_longqa', seq_len=256, chunk_size=16)",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,8 @@ class Recipe:
     fp32: bool = True
     tolerance: float = 1e-4
     expect: tuple[str, ...] = GPU_PROGRAM
+    sft: bool = False  # a fine-tuning config: the dry run's QA data
+    options: tuple[str, ...] = ()  # for both runs
 
 
 RECIPES = {
@@ -59,6 +64,10 @@ RECIPES = {
     # As shipped: bf16 parameters, fp32 reductions and accumulation (measured: 0.0011).
     "rat_1p3b-bf16": Recipe("rat_1p3b.toml", "rat_1p3b.toml", "rat_debug.toml", fp32=False,
                             tolerance=1e-2),
+    # The SFT recipe's program (answer-only loss, packed examples); at its lr of 1e-5 four steps
+    # from a seed at init would not move the loss, so both runs take the pretraining lr.
+    "rat_1p3b_sft": Recipe("rat_1p3b_sft.toml", "rat_1p3b_sft.toml", "rat_debug.toml",
+                           expect=SFT_PROGRAM, sft=True, options=("--optimizer.lr=8e-4",)),
 }
 
 
@@ -84,7 +93,8 @@ class Runs:
         config = recipe.portable_config
         if config not in self._portable:
             losses, log = self.losses(f"portable-{config}", config, recipe.seed_config,
-                                      *debug_size(fp32=True), *PORTABLE)
+                                      *debug_size(fp32=True, sft=recipe.sft), *PORTABLE,
+                                      *recipe.options)
             assert "RAT kernels: scan=torch (portable), attention=torch (portable)" in log
             assert "Compiling each TransformerBlock" not in log
             assert losses[STEPS] < losses[1] - 0.5, losses  # the steps really train
@@ -104,7 +114,7 @@ def test_gpu_recipe_dry_run_matches_the_eager_portable_run(name, runs):
     recipe = RECIPES[name]
     want = runs.portable(recipe)
     got, log = runs.losses(name, recipe.config, recipe.seed_config,
-                           *dry_run_options(fp32=recipe.fp32))
+                           *dry_run_options(fp32=recipe.fp32, sft=recipe.sft), *recipe.options)
     for line in recipe.expect:
         assert line in log, f"{line!r} not in the log of the {name} dry run"
     checkpoints = sorted(p.name for p in (runs.root / name / "checkpoint").iterdir())
@@ -128,3 +138,12 @@ def test_dry_run_tool_passes_trainer_options_after_a_double_dash(monkeypatch):
     assert cmd[cmd.index("--job.config_file") + 1] == "train_configs/rat_1p3b.toml"
     assert cmd[-2:] == ["--job.dump_folder=/tmp/d", "--training.steps=8"]
     assert set(dry_run_options(fp32=True)) <= set(cmd)
+
+
+def test_dry_run_tool_gives_a_fine_tuning_config_the_qa_data(monkeypatch):
+    commands = []
+    monkeypatch.setattr(dry_run.subprocess, "call", lambda cmd: commands.append(cmd) or 0)
+    assert dry_run.main(["train_configs/rat_1p3b_sft.toml"]) == 0
+    (cmd,) = commands
+    assert "--training.dataset=rat_longqa" in cmd and "--training.dataset=rat_debug" not in cmd
+    assert "--checkpoint.initial_load_path=" in cmd  # from scratch: no pretrained weights here

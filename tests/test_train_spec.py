@@ -207,7 +207,8 @@ def test_shipped_configs_are_valid(config, debug_assets, monkeypatch):
 
     # The float8 recipe is for SM89+ GPUs: lift torchtitan's GPU check, as the dry run does.
     monkeypatch.setattr(titan_float8, "has_cuda_capability", lambda major, minor: True)
-    job_config = job(config)
+    # The fine-tuning recipes start from pretrained weights that a test does not have.
+    job_config = job(config, *(["--checkpoint.initial_load_path="] if "sft" in config else []))
     assert job_config.experimental.custom_import == "rat_plugin.train_spec"
     assert job_config.job.custom_config_module == "rat_plugin.infra.config"
     assert (job_config.rat.scan_kernel, job_config.rat.attention_kernel) == ("auto", "auto")
@@ -218,22 +219,31 @@ def test_shipped_configs_are_valid(config, debug_assets, monkeypatch):
     assert job_config.metrics.enable_tensorboard
 
 
-@pytest.mark.parametrize("config", ["rat_1p3b.toml", "rat_swa_1p3b.toml", "rat_1p3b_float8.toml"])
-def test_1p3b_configs_follow_the_paper_recipe(config):
+# The paper's recipes: pretraining (lr, weight decay, global batch) and fine-tuning (SFT).
+PRETRAINING, SFT = (8e-4, 0.1, 512), (1e-5, 0.01, 128)
+
+
+@pytest.mark.parametrize("config, recipe", [
+    ("rat_1p3b.toml", PRETRAINING), ("rat_swa_1p3b.toml", PRETRAINING),
+    ("rat_1p3b_float8.toml", PRETRAINING), ("rat_1p3b_sft.toml", SFT),
+    ("rat_swa_1p3b_sft.toml", SFT)])
+def test_1p3b_configs_follow_the_paper_recipe(config, recipe):
     c = job(config)
+    lr, weight_decay, batch = recipe
     assert (c.optimizer.name, c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2,
-            c.optimizer.weight_decay) == ("AdamW", 8e-4, 0.9, 0.95, 0.1)
+            c.optimizer.weight_decay) == ("AdamW", lr, 0.9, 0.95, weight_decay)
     assert c.lr_scheduler.warmup_steps == round(0.05 * c.training.steps)
     assert c.lr_scheduler.decay_type == "cosine"
     assert c.optimizer.lr * c.lr_scheduler.min_lr_factor == pytest.approx(1e-6)
     assert (c.training.global_batch_size, c.training.seq_len, c.training.max_norm) == (
-        512, 4096, 1.0)
+        batch, 4096, 1.0)
     assert c.training.mixed_precision_param == "bfloat16"
     assert c.compile.enable and c.checkpoint.enable
     assert c.activation_checkpoint.mode == "selective"
     assert c.model.flavor == "1.3B"
     assert (c.model.converters == ["quantize.linear.float8"]) == ("float8" in config)
-    assert c.rat.document_aware  # trained as decoded: documents never see each other
+    # trained as decoded: documents never see each other (instruction data always packs so)
+    assert c.rat.document_aware or recipe == SFT
 
 
 def test_prepare_is_deterministic_and_idempotent(tmp_path, debug_assets):

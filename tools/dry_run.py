@@ -10,7 +10,9 @@ optimizer, schedule, FSDP2, selective op activation checkpointing, per-block
   of 8 (gradient accumulation), 4 steps (warm-up 1), a checkpoint every 2 steps, loss every step,
   validation (one batch per rank) at steps 1 and 4;
 - data: the generated debug corpus, its validation split and tokenizer
-  (``python -m rat_plugin.data.prepare``);
+  (``python -m rat_plugin.data.prepare``); for a fine-tuning config, the generated QA set
+  (``rat_longqa``) from scratch (``--checkpoint.initial_load_path=`` clears the pretrained
+  weights' path; give a seed after ``--`` to start from one);
 - what a CPU cannot run: the compile backend is ``aot_eager`` (dynamo's fullgraph trace and the
   AOTAutograd joint graph, without inductor's codegen), and the plugin is loaded through
   ``rat_plugin.dry_run``, which resolves the kernels as on CUDA (the Triton scan custom op,
@@ -44,18 +46,38 @@ LOCAL_DATA = (
     "--validation.dataset=rat_debug_validation",
     "--validation.dataset_path=./assets/data/rat_debug",
 )
+# A fine-tuning config ([training] dataset "sft"): the generated QA set, from scratch unless
+# the options name a seed (--checkpoint.initial_load_path after them wins).
+LOCAL_SFT_DATA = (
+    "--model.hf_assets_path=./assets/tokenizer",
+    "--training.dataset=rat_longqa",
+    "--training.dataset_path=./assets/data/rat_longqa",
+    "--validation.dataset=rat_longqa_validation",
+    "--validation.dataset_path=./assets/data/rat_longqa",
+    "--sft.template=rat_longqa",
+    "--sft.answer_field=answers",
+    "--checkpoint.initial_load_path=",
+)
 ON_CPU = ("--experimental.custom_import=rat_plugin.dry_run", "--compile.backend=aot_eager")
 FP32 = ("--training.mixed_precision_param=float32",)
 
 
-def debug_size(fp32: bool = False) -> tuple[str, ...]:
+def fine_tunes(config: str) -> bool:
+    """Whether ``config`` trains on instruction data (``[training] dataset = "sft"``)."""
+    import tomllib
+
+    with open(config, "rb") as f:
+        return tomllib.load(f).get("training", {}).get("dataset") == "sft"
+
+
+def debug_size(fp32: bool = False, sft: bool = False) -> tuple[str, ...]:
     """The trainer options for the debug size and data (and fp32 training)."""
-    return SIZE + LOCAL_DATA + (FP32 if fp32 else ())
+    return SIZE + (LOCAL_SFT_DATA if sft else LOCAL_DATA) + (FP32 if fp32 else ())
 
 
-def dry_run_options(fp32: bool = False) -> tuple[str, ...]:
+def dry_run_options(fp32: bool = False, sft: bool = False) -> tuple[str, ...]:
     """The trainer options that turn a shipped GPU config into its CPU dry run."""
-    return debug_size(fp32) + ON_CPU
+    return debug_size(fp32, sft) + ON_CPU
 
 
 def command(config: str, nproc: int, options: tuple[str, ...]) -> list[str]:
@@ -74,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args, trainer_options = parser.parse_known_args(argv)  # after --: the trainer's options
     if trainer_options[:1] == ["--"]:
         trainer_options = trainer_options[1:]
-    options = (*dry_run_options(args.fp32), f"--job.dump_folder={args.dump_folder}",
+    options = (*dry_run_options(args.fp32, fine_tunes(args.config)),
+               f"--job.dump_folder={args.dump_folder}",
                *trainer_options)
     cmd = command(args.config, args.nproc, options)
     print(" ".join(cmd), flush=True)

@@ -7,6 +7,9 @@
   folder is ``[training] dataset_path``.
 - ``fineweb_edu_validation``: the same from ``[validation] dataset_path``, a folder holding
   FineWeb-Edu parquet files held out of the training folder.
+- ``sft`` / ``sft_validation``: instruction records for fine-tuning (``rat_plugin.data.sft``)
+  from ``dataset_path``; ``rat_longqa`` / ``rat_longqa_validation``: the generated long-context
+  QA set (``rat_plugin.data.longqa``, written by ``prepare``).
 """
 
 import json
@@ -17,6 +20,7 @@ from datasets import Dataset, load_dataset
 from torchtitan.hf_datasets import DatasetConfig
 from torchtitan.hf_datasets.text_datasets import DATASETS
 
+from rat_plugin.data.sft import SFT_DATASETS
 from rat_plugin.infra import ConfigError
 
 DEBUG_DATA = "./assets/data/rat_debug"
@@ -51,6 +55,9 @@ LOCAL_DATASETS = {
     "fineweb_edu_validation": (DatasetConfig("", _load_parquet_folder, _text), "",
                                "move a FineWeb-Edu parquet file out of the training folder into "
                                "it (see README, 'Evaluating a model')"),
+    **{name: (config, "" if config.path == "" else f"{split}.jsonl",
+              PREPARE_HINT if config.path else "point it at instruction records (docs/sft.md)")
+       for name, (config, split, _) in SFT_DATASETS.items()},
 }
 
 

@@ -40,10 +40,14 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
         # Per buffered token: its offset in its document, and whether it may be a label.
         self._offset_buffer: list[int] = []
         self._label_buffer: list[bool] = []
+        self._log_packing()
+
+    def _log_packing(self) -> None:
         padding, packed, documents = self.padding_waste()
         logger.info(
-            f"Document-aware packing (chunk_size={chunk_size}): padding is {padding} of {packed} "
-            f"tokens ({100 * padding / max(packed, 1):.1f}%) over the first {documents} documents"
+            f"Document-aware packing (chunk_size={self.chunk_size}): padding is {padding} of "
+            f"{packed} tokens ({100 * padding / max(packed, 1):.1f}%) over the first {documents} "
+            "documents"
         )
 
     def _encode(self, sample) -> list[int]:
@@ -56,11 +60,18 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
         padding = sum(-n % self.chunk_size for n in lengths)
         return padding, sum(lengths) + padding, len(lengths)
 
-    def _append(self, tokens: list[int]) -> None:
+    def _pack(self, sample) -> None:
+        """Append one sample's document to the buffers: every token but its first is a label."""
+        tokens = self._encode(sample)
+        self._append(tokens, [False] + [True] * (len(tokens) - 1))
+
+    def _append(self, tokens: list[int], labels: list[bool]) -> None:
+        """Append a document and the EOS filler to the next chunk boundary; ``labels`` says
+        which of its tokens may be labels (filler never is)."""
         filler = -(len(self._token_buffer) + len(tokens)) % self.chunk_size
         self._token_buffer += tokens + [self._tokenizer.eos_id] * filler
         self._offset_buffer += list(range(len(tokens) + filler))
-        self._label_buffer += [False] + [True] * (len(tokens) - 1) + [False] * filler
+        self._label_buffer += labels + [False] * filler
 
     def _window(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         n = self.seq_len
@@ -76,17 +87,23 @@ class DocumentPackedDataset(HuggingFaceTextDataset):
     def __iter__(self):
         while True:
             for sample in self._get_data_iter():
-                self._append(self._encode(sample))
+                self._pack(sample)
                 self._sample_idx += 1
                 while len(self._token_buffer) > self.seq_len:
                     yield self._window()
             if not self.infinite:
+                yield from self._last_windows()
                 logger.warning(f"Dataset {self.dataset_name} has run out of data")
                 break
             self._sample_idx = 0
             logger.warning(f"Dataset {self.dataset_name} is being re-looped")
             if not isinstance(self._data, Dataset) and hasattr(self._data, "set_epoch"):
                 self._data.set_epoch(self._data.epoch + 1)
+
+    def _last_windows(self):
+        """The windows left in the buffers when a finite dataset ends (none: torchtitan drops
+        a partial last window)."""
+        return ()
 
     def state_dict(self):
         return {

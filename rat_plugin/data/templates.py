@@ -68,8 +68,9 @@ def render(template: str, record: Mapping) -> str:
                 f"(the record has: {has}): use a template over the record's fields"
             ) from None
         if value is None:
-            raise TemplateError(f"the record's field {field!r} (template {_name(template)}) "
-                                "is null: give it a value or drop the record")
+            raise TemplateError(f"the record's field {field!r}, which template "
+                                f"{_name(template)} names, is null (or missing in this record "
+                                "of a table): give it a value or drop the record")
     try:
         return text.format_map(record)
     except (ValueError, TypeError) as err:  # a bad format spec or conversion

@@ -1,6 +1,6 @@
-"""The plugin's own TOML section, ``[rat]``: add ``[job] custom_config_module =
+"""The plugin's own TOML sections, ``[rat]`` and ``[sft]``: add ``[job] custom_config_module =
 "rat_plugin.infra.config"`` to a config (every shipped one has it) to set it in the TOML or as
-``--rat.<field>`` on the command line."""
+``--rat.<field>`` / ``--sft.<field>`` on the command line."""
 
 from dataclasses import dataclass, field
 
@@ -23,5 +23,26 @@ class RATConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Instruction data (``[training] dataset = "sft"`` or ``"rat_longqa"``, and their
+    ``_validation`` splits): how records become prompts and answers (docs/sft.md)."""
+
+    template: str = ""
+    """The prompt: a name of rat_plugin/data/templates.py (narrativeqa, qmsum, wikisum,
+    rat_longqa) or a template string over the records' fields, e.g.
+    "Transcript: {input}\\n\\nQuestion: {prompt}\\n\\nAnswer:". Empty: the dataset's own
+    (rat_longqa's)."""
+
+    answer_field: str = "answers"
+    """The record field holding the answer: a string, or a list of reference answers (each
+    one a training example)."""
+
+    bos: bool = True
+    """Start every example with the tokenizer's BOS token, as torchtitan's pretraining starts
+    every document; false for a model imported from the paper's code (trained without)."""
+
+
+@dataclass
 class JobConfig:
     rat: RATConfig = field(default_factory=RATConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)

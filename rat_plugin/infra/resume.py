@@ -92,6 +92,12 @@ def check_resume(job_config: JobConfig) -> None:
     folder = Path(job_config.job.dump_folder) / checkpoint.folder
     if not folder.is_dir():
         seed = checkpoint.initial_load_path
+        if seed and not Path(seed).exists():
+            raise ConfigError(
+                f"[checkpoint] initial_load_path={seed} does not exist: point it at the weights "
+                "to start from (a step folder of a run, or a seed from tools/convert_checkpoint.py "
+                "--to-dcp), or clear it (--checkpoint.initial_load_path=) to start from scratch"
+            )
         if seed and checkpoint.initial_load_in_hf and not any(Path(seed).glob("*.safetensors")):
             raise ConfigError(
                 f"[checkpoint] initial_load_path={seed} holds no .safetensors files, but "
