@@ -50,4 +50,4 @@ OUT ?= gpu_check_report
 DRY ?=
 .PHONY: gpu-check
 gpu-check:
-	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) $(if $(filter-out .whl,$(GPU_WHEELS)),--wheels $(GPU_WHEELS)) $(if $(DRY),--dry)
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(OUT) --wheels $(GPU_WHEELS) $(if $(DRY),--dry)

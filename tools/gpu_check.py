@@ -118,6 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--stage-budget {entry!r}: give STAGE=SECONDS with SECONDS > 0")
     if not opts.budget_scale > 0:
         parser.error(f"--budget-scale {opts.budget_scale}: must be > 0")
+    opts.wheels = opts.wheels.resolve()  # the stages run in other folders
     if opts.wheels != DEFAULT_WHEELS and not opts.wheels.is_dir():
         parser.error(f"--wheels {opts.wheels} is not a folder: run `make gpu-wheels` on a "
                      "connected machine and copy .whl/ with the repo")
